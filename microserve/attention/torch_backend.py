@@ -1,0 +1,70 @@
+"""Attention with torch SDPA over the paged pool. Runs anywhere torch does; the CPU default."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from microserve.attention.base import AttentionBackend, ForwardContext
+
+
+def store_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write new K/V rows into their slots. kv_layer: [2, pages, page_size, H, D]."""
+    _, pages, page_size, h, d = kv_layer.shape
+    flat = kv_layer.view(2, pages * page_size, h, d)
+    flat[0].index_copy_(0, slot_mapping, k)
+    flat[1].index_copy_(0, slot_mapping, v)
+
+
+def gather_kv(kv_layer: torch.Tensor, block_table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of context positions [0, length) of one sequence, as [H, length, D] each."""
+    page_size = kv_layer.shape[2]
+    n_pages = (length + page_size - 1) // page_size
+    rows = kv_layer[:, block_table[:n_pages]].flatten(1, 2)[:, :length]  # [2, length, H, D]
+    rows = rows.transpose(1, 2)
+    return rows[0], rows[1]
+
+
+class TorchSDPABackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                ctx: ForwardContext) -> torch.Tensor:
+        meta, kv_layer = ctx.meta, ctx.kv[layer]
+        store_kv(kv_layer, k, v, meta.slot_mapping)
+        if ctx.layer_hook is not None:
+            ctx.layer_hook(layer)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], kv_layer, meta)
+        start = nd
+        for i in range(nd, meta.num_seqs):
+            ql, sl = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
+            qi = q[start:start + ql].transpose(0, 1).unsqueeze(0)  # [1, Hq, ql, D]
+            if ql == sl:  # no cached prefix: the new K/V are the whole context, top-left == lower-right
+                ki = k[start:start + ql].transpose(0, 1).unsqueeze(0)
+                vi = v[start:start + ql].transpose(0, 1).unsqueeze(0)
+                o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=self.scale,
+                                                   enable_gqa=True)
+            else:
+                ki, vi = gather_kv(kv_layer, meta.block_tables[i], sl)
+                mask = torch.ones(ql, sl, dtype=torch.bool, device=q.device).tril_(sl - ql)
+                o = F.scaled_dot_product_attention(qi, ki.unsqueeze(0), vi.unsqueeze(0), attn_mask=mask,
+                                                   scale=self.scale, enable_gqa=True)
+            out[start:start + ql] = o[0].transpose(0, 1)
+            start += ql
+        return out
+
+    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta) -> torch.Tensor:
+        """All decodes in one padded SDPA call: each sees its own context, masked to its length."""
+        nd = meta.num_decodes
+        lens = meta.seq_lens[:nd]
+        max_len = max(meta.seq_lens_cpu[:nd])
+        page_size = kv_layer.shape[2]
+        n_pages = (max_len + page_size - 1) // page_size
+        rows = kv_layer[:, meta.block_tables[:nd, :n_pages]]  # [2, B, n_pages, page_size, H, D]
+        rows = rows.flatten(2, 3)[:, :, :max_len].transpose(2, 3)  # [2, B, H, max_len, D]
+        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, max_len]
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), rows[0], rows[1], attn_mask=mask[:, None, None, :],
+                                           scale=self.scale, enable_gqa=True)
+        return o.squeeze(2)

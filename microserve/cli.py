@@ -1,0 +1,105 @@
+"""`microserve` command line: engine | router | up | demo | bench."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from microserve.config import EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="embedded",
+                   help="a local Hugging Face model directory (config.json, *.safetensors, tokenizer.json), a hub id "
+                        "(downloaded when the network allows), or 'embedded' for the built-in tiny Llama with "
+                        "dummy weights (default: %(default)s)")
+    g.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: --model)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="where weights come from: the checkpoint's safetensors, or deterministic random weights "
+                        "of the same shapes (like vLLM's --load-format dummy) (default: %(default)s)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and KV dtype; auto = float32 on CPU, bfloat16 on CUDA (default: %(default)s)")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seed for dummy weights and unseeded sampling (default: %(default)s)")
+    g = p.add_argument_group("KV cache and scheduling")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: %(default)s)")
+    g.add_argument("--kv-cache-memory-mb", type=int, default=256,
+                   help="memory for the paged KV pool, in MiB (default: %(default)s)")
+    g.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool; overrides --kv-cache-memory-mb")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step: decodes plus prefill chunks (default: %(default)s)")
+    g.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once (default: %(default)s)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="turn off the radix prefix cache")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="torch SDPA (CPU default) or Triton kernels (CUDA default) (default: %(default)s)")
+    g.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--cpu-affinity", default=None, help="pin the engine to these CPU cores, e.g. '0' or '2,3'")
+    g = p.add_argument_group("microserving")
+    g.add_argument("--kv-transport", default="shm", choices=["shm", "nixl", "none"],
+                   help="how KV reaches other engines: shm (shared memory, one host), nixl (UCX, across hosts) "
+                        "(default: %(default)s)")
+    g.add_argument("--recv-lease-s", type=float, default=60.0,
+                   help="seconds a prep_recv reservation is kept without start_generate, commit or abort "
+                        "(default: %(default)s)")
+    g.add_argument("--transfer-timeout-s", type=float, default=30.0,
+                   help="remote_send fails if its KV has not landed after this many seconds (default: %(default)s)")
+
+
+def engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=a.model, served_model_name=a.served_model_name, load_format=a.load_format, dtype=a.dtype,
+        device=a.device, seed=a.seed, page_size=a.page_size, num_pages=a.num_pages,
+        kv_cache_memory_mb=a.kv_cache_memory_mb, max_model_len=a.max_model_len,
+        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
+        enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend,
+        kv_transport=a.kv_transport, recv_lease_s=a.recv_lease_s, transfer_timeout_s=a.transfer_timeout_s,
+        num_threads=a.num_threads,
+        cpu_affinity=[int(c) for c in a.cpu_affinity.split(",")] if a.cpu_affinity else None)
+
+
+def cmd_engine(a: argparse.Namespace) -> int:
+    from microserve.server.app import serve
+    asyncio.run(serve(engine_config(a), a.host, a.port, a.debug_api))
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from microserve.demo import run_demo
+    return run_demo(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="microserve", description=__doc__.splitlines()[0] + "\n\n"
+                                     "LLM microserving: engines with prep_recv / remote_send / start_generate, "
+                                     "and a programmable router.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: %(default)s)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("engine", help="serve one engine: OpenAI API + microserving API",
+                       description="Serve one engine over HTTP: /v1/completions, /v1/chat/completions, /v1/models, "
+                                   "/health, /metrics and /microserving/{prep_recv,remote_send,start_generate,"
+                                   "commit,abort,match}.")
+    add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    p.add_argument("--debug-api", action="store_true", help="expose /debug/kv (KV page accounting) for tests")
+    p.set_defaults(fn=cmd_engine)
+
+    p = sub.add_parser("demo", help="bring up engines on the embedded model, send real requests, print, shut down",
+                       description="The README's first command: engines and a router on one host, a few real "
+                                   "requests through them, outputs and timings printed, everything stopped.")
+    p.add_argument("--model", default="embedded", help="model to serve (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per request (default: %(default)s)")
+    p.set_defaults(fn=cmd_demo)
+
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return a.fn(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

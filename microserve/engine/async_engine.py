@@ -1,0 +1,135 @@
+"""AsyncEngine: drives the synchronous Engine from an asyncio event loop.
+
+The engine is touched from the event-loop thread only, and never while a step runs: `step()` runs
+on one worker thread, and calls that arrive meanwhile wait for it to return (one step at most).
+So the engine itself needs no locks.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable
+
+from microserve.engine.engine import Engine, RequestError
+from microserve.engine.request import RequestOutput
+from microserve.engine.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, expire_interval_s: float = 0.5) -> None:
+        self.engine = engine
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
+        self._stepping = False
+        self._idle: asyncio.Event | None = None
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._expire_interval = expire_interval_s
+        self.step_callbacks: list[Callable[[float, int], None]] = []  # (seconds, tokens) per step
+
+    async def start(self) -> None:
+        self._wake, self._idle = asyncio.Event(), asyncio.Event()
+        self._idle.set()
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._executor.shutdown(wait=True)
+        self.engine.close()
+
+    async def call(self, fn: Callable, *args, **kw):
+        """Run fn(*args) on the engine between steps."""
+        while self._stepping:
+            await self._idle.wait()
+        result = fn(*args, **kw)
+        self._wake.set()
+        return result
+
+    # ---- streams -------------------------------------------------------------------------------
+    async def _stream(self, rid: str, submit: Callable, *args) -> AsyncIterator[RequestOutput]:
+        q: asyncio.Queue = asyncio.Queue()
+        if rid in self._streams:
+            raise RequestError(f"request id {rid!r} is already running", 409, "conflict")
+        self._streams[rid] = q
+        finished = False
+        try:
+            req = await self.call(submit, *args)
+            rid = req.rid
+            self._streams[rid] = q
+            while True:
+                out = await q.get()
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:  # the consumer went away (client disconnect): free everything now
+                await self.call(self.engine.abort, rid)
+
+    def generate(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        return self._stream(rid, self.engine.add_request, rid, prompt_ids, params)
+
+    def start_generate(self, rid: str, begin: int, prompt_ids, params) -> AsyncIterator[RequestOutput]:
+        return self._stream(rid, self.engine.start_generate, rid, begin, prompt_ids, params)
+
+    async def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> None:
+        """Returns once every byte of KV for [begin, end) has landed in the receiver."""
+        async for out in self._stream(f"send-{rid}", self.engine.remote_send, rid, prompt_ids, begin, end, kv_addr_info):
+            if out.finished and out.error:
+                status = 504 if "within" in out.error else 502
+                raise RequestError(out.error, status, "transfer_error")
+
+    # ---- the loop ------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_expire = 0.0
+        while True:
+            now = time.monotonic()
+            if now >= next_expire:
+                for rid in self.engine.expire():
+                    log.info("reservation %s expired", rid)
+                next_expire = now + self._expire_interval
+            if not self.engine.has_work():
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._expire_interval)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            self._stepping = True
+            self._idle.clear()
+            t0 = time.perf_counter()
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception:
+                log.error("engine step failed; aborting its requests:\n%s", traceback.format_exc())
+                outputs = self._fail_all("internal engine error (see the engine log)")
+            finally:
+                self._stepping = False
+                self._idle.set()
+            dt = time.perf_counter() - t0
+            for cb in self.step_callbacks:
+                cb(dt, len(outputs))
+            for out in outputs:
+                q = self._streams.get(out.rid)
+                if q is not None:
+                    q.put_nowait(out)
+            await asyncio.sleep(0)  # let handlers run between steps
+
+    def _fail_all(self, message: str) -> list[RequestOutput]:
+        outs = []
+        for req in list(self.engine.requests.values()):
+            req.error = message
+            outs.append(self.engine._finish(req, "error"))
+        return outs

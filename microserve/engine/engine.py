@@ -1,0 +1,337 @@
+"""Engine: one model, one KV cache, one scheduler. Single-threaded and synchronous by design;
+`AsyncEngine` drives it from an event loop.
+
+The microserving verbs map onto the unified KV cache:
+
+    prep_recv(end)          cache.reserve_recv -> park; reply slots for prompt[matched:end)
+    remote_send(begin,end)  a send-only request over prompt[:end] with a SendWindow [begin, end)
+    start_generate(begin)   cache.take -> a normal request whose first begin tokens have KV
+    commit / abort          cache.commit / cache.abort on the parked request
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from microserve.config import EngineConfig, ModelConfig
+from microserve.engine.request import Request, RequestOutput, Status
+from microserve.engine.runner import ModelRunner
+from microserve.engine.sampling import SamplingParams, sample
+from microserve.engine.scheduler import Scheduler
+from microserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from microserve.kv.cache import KVCache, KVCacheError, SendWindow
+from microserve.kv.pool import KVPool
+from microserve.model.loader import load_model, resolve_dtype, resolve_model_path
+from microserve.transfer.base import TransferError, decode_kv_addr, encode_kv_addr, make_transport
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """Bad input to the engine; maps to HTTP `status` with an OpenAI error `code`."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", param: str | None = None):
+        super().__init__(message)
+        self.status, self.code, self.param = status, code, param
+
+
+@dataclass
+class EngineStats:
+    """Running totals the server exports to Prometheus."""
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    requests_finished: dict[str, int] = field(default_factory=dict)
+    kv_sent_bytes: int = 0
+    kv_received_bytes: int = 0  # counted by the receiver when the sender reports it (start/commit)
+    kv_transfer_s: float = 0.0
+    kv_exposed_s: float = 0.0
+    steps: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = c = config
+        if c.num_threads:
+            torch.set_num_threads(c.num_threads)
+        if c.cpu_affinity:
+            os.sched_setaffinity(0, c.cpu_affinity)
+        self.model_path = resolve_model_path(c.model)
+        load_format = c.load_format
+        if c.model == "embedded" and load_format == "auto":
+            load_format = "dummy"
+        self.model_name = c.served_model_name or c.model
+        self.model_config = mc = ModelConfig.from_dir(self.model_path)
+        self.device = torch.device("cuda" if c.device == "auto" and torch.cuda.is_available() else
+                                   "cpu" if c.device == "auto" else c.device)
+        self.dtype = resolve_dtype(c.dtype, mc, self.device)
+        torch.manual_seed(c.seed)
+        self.model = load_model(self.model_path, mc, load_format, self.dtype, self.device, c.attention_backend, c.seed)
+        self.tokenizer = Tokenizer(self.model_path) if os.path.exists(
+            os.path.join(self.model_path, "tokenizer.json")) else None
+        self.eos_ids = set(mc.eos_token_ids)
+
+        page_bytes = mc.num_layers * 2 * c.page_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
+        num_pages = c.num_pages or max(c.kv_cache_memory_mb * 2**20 // page_bytes, 1)
+        shape = (mc.num_layers, 2, num_pages, c.page_size, mc.num_kv_heads, mc.head_dim)
+        self.transport = make_transport(c.kv_transport)
+        self.pool = KVPool(self.transport.allocate(shape, self.dtype, self.device))
+        self.cache = KVCache(self.pool, c.enable_prefix_caching, c.recv_lease_s)
+        self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
+                                 num_pages * c.page_size)
+        self.scheduler = Scheduler(self.cache, c.max_num_batched_tokens, c.max_num_seqs)
+        self.runner = ModelRunner(self.model, self.pool, self.transport, self.device)
+        self.requests: dict[str, Request] = {}
+        self.stats = EngineStats()
+        self._sent_since_flush = False
+        self.layout = [mc.num_layers, mc.num_kv_heads, mc.head_dim, c.page_size, str(self.dtype).removeprefix("torch.")]
+
+    # ---- plain generation ---------------------------------------------------------------------
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", param="prompt")
+        try:
+            params.validate()
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
+                               f"{self.max_model_len} tokens, and at least one must be left to generate",
+                               param="prompt", code="context_length_exceeded")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) "
+                               f"exceeds the context of {self.max_model_len} tokens", param="max_tokens",
+                               code="context_length_exceeded")
+
+    def _new_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, **kw) -> Request:
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already running", 409, "conflict")
+        req = Request(rid, list(prompt_ids), params, **kw)
+        if self.tokenizer is not None and not req.send_only:
+            req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
+        return req
+
+    def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> Request:
+        self.validate(prompt_ids, params)
+        req = self._new_request(rid, prompt_ids, params)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, rid: str) -> bool:
+        req = self.requests.get(rid)
+        if req is None:
+            return False
+        self._finish(req, "abort")
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- microserving ---------------------------------------------------------------------------
+    def match(self, prompt_ids: list[int]) -> int:
+        """Cached prefix length, read-only, counting at most len-1 tokens (the last is always computed)."""
+        return min(self.cache.peek(prompt_ids), max(len(prompt_ids) - 1, 0) // self.pool.page_size * self.pool.page_size)
+
+    def prep_recv(self, rid: str, prompt_ids: list[int], end: int, params: SamplingParams) -> tuple[str, int]:
+        self.validate(prompt_ids, params)
+        end = _window_index(end, len(prompt_ids), "end")
+        if not 0 <= end < len(prompt_ids):
+            raise RequestError(f"prep_recv needs 0 <= end < prompt length ({len(prompt_ids)}), got end={end}", param="end")
+        if rid in self.requests:
+            raise RequestError(f"request id {rid!r} is already running", 409, "conflict")
+        try:
+            res = self.cache.reserve_recv(rid, prompt_ids, end, payload=params)
+            desc = self.transport.describe()
+        except KVCacheError as e:
+            raise RequestError(str(e), e.status, e.code) from None
+        except TransferError as e:
+            self.cache.abort(rid)
+            raise RequestError(str(e), e.status, "transfer_error") from None
+        return encode_kv_addr(self.transport.name, desc, self.layout, res.slots(self.pool.page_size)), res.matched
+
+    def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> Request:
+        L = len(prompt_ids)
+        if not prompt_ids:
+            raise RequestError("the prompt is empty", param="prompt")
+        begin, end = _window_index(begin, L, "begin"), _window_index(end, L, "end")
+        if not 0 <= begin < end < L:
+            raise RequestError(f"remote_send needs 0 <= begin < end < prompt length ({L}), got begin={begin}, end={end}",
+                               param="begin")
+        try:
+            doc, dst = decode_kv_addr(kv_addr_info)
+            if doc["transport"] != self.transport.name:
+                raise TransferError(f"kv_addr_info is for transport {doc['transport']!r}, this engine uses "
+                                    f"{self.transport.name!r}", 400)
+            if doc.get("layout") != self.layout:
+                raise TransferError(f"kv_addr_info's KV layout {doc.get('layout')} does not match this engine's "
+                                    f"{self.layout} (a different model?)", 400)
+            if len(dst) != end - begin:
+                raise TransferError(f"end - begin = {end - begin} but the receiver reserved {len(dst)} slots", 400)
+            remote = self.transport.connect(doc["peer"])
+        except TransferError as e:
+            raise RequestError(str(e), e.status, "invalid_kv_addr_info" if e.status == 400 else "transfer_error") from None
+        send_rid = f"send-{rid}"
+        req = self._new_request(send_rid, prompt_ids[:end], SamplingParams(max_tokens=1, temperature=0.0),
+                                send_only=True, send=SendWindow(begin, end, dst, remote))
+        self.requests[send_rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def start_generate(self, rid: str, begin: int, prompt_ids: list[int] | None = None,
+                       params: SamplingParams | None = None) -> Request:
+        res = self.cache.reservations.get(rid)
+        if res is None:
+            self.cache.take(rid)  # raises the precise 404 / 409
+        L = len(res.tokens)
+        begin = _window_index(begin, L, "begin")
+        if prompt_ids is not None and list(prompt_ids) != res.tokens:
+            raise RequestError("start_generate's prompt differs from the one given to prep_recv", param="prompt")
+        if not 0 <= begin < L:
+            raise RequestError(f"start_generate needs 0 <= begin < prompt length ({L}), got begin={begin}", param="begin")
+        if begin > res.end:
+            raise RequestError(f"begin={begin} is past the received window's end ({res.end}): the KV of "
+                               f"[{res.end}, {begin}) would be missing", param="begin")
+        params = params or res.payload
+        self.validate(res.tokens, params)
+        self._count_received(rid)
+        self.cache.take(rid)
+        self.cache.started(rid)
+        req = self._new_request(rid, res.tokens, params)
+        req.seq = res.seq
+        # KV of [0, matched) is a cached prefix and [matched, end) was received: start at begin,
+        # but never recompute into shared tree pages.
+        req.num_computed = req.num_cached_tokens = max(begin, res.matched)
+        self.requests[rid] = req
+        self.scheduler.add(req)
+        return req
+
+    def _count_received(self, rid: str) -> None:
+        res = self.cache.reservations.get(rid)
+        if res is not None:
+            self.stats.kv_received_bytes += (res.end - res.matched) * self.pool.bytes_per_token_layer * self.pool.num_layers
+
+    def commit(self, rid: str) -> int:
+        try:
+            self._count_received(rid)
+            return self.cache.commit(rid)
+        except KVCacheError as e:
+            raise RequestError(str(e), e.status, e.code) from None
+
+    def abort_parked(self, rid: str) -> None:
+        try:
+            self.cache.abort(rid)
+        except KVCacheError as e:
+            raise RequestError(str(e), e.status, e.code) from None
+
+    def expire(self) -> list[str]:
+        return self.cache.expire()
+
+    # ---- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        outputs: list[RequestOutput] = []
+        admitted = self.scheduler.admitted
+        for req in admitted:
+            if req.send is not None and self.runner.send_cached(req, req.num_computed):
+                self._sent_since_flush = True
+        done_sends = [r for r in admitted if r.send_only and r.num_remaining == 0]
+        logits, sample_reqs = None, []
+        if batch.requests:
+            logits, sample_reqs, sent = self.runner.run(batch)
+            self._sent_since_flush |= sent
+            self.stats.steps += 1
+            for req, n in zip(batch.requests, batch.num_tokens):
+                req.num_computed += n
+                if req.send_only and req.num_remaining == 0:
+                    done_sends.append(req)
+        elif self.scheduler.waiting and not self.scheduler.running:
+            req = self.scheduler.waiting[0]  # it cannot fit even in an empty pool: fail it, never spin
+            req.error = "not enough free KV cache pages for this request (parked reservations hold the rest)"
+            outputs.append(self._finish(req, "error"))
+        outputs += self._finish_sends(done_sends)
+        if logits is not None:
+            tokens = sample(logits, [r.params for r in sample_reqs], [r.generator for r in sample_reqs])
+            for req, tok in zip(sample_reqs, tokens):
+                outputs.append(self._append_token(req, tok))
+        return outputs
+
+    def _finish_sends(self, reqs: list[Request]) -> list[RequestOutput]:
+        if not reqs and not self._sent_since_flush:
+            return []
+        outs = []
+        error = None
+        if self._sent_since_flush:
+            self._sent_since_flush = False
+            try:
+                st = self.transport.flush(self.config.transfer_timeout_s)
+                self.stats.kv_sent_bytes += st.bytes
+                self.stats.kv_transfer_s += st.transfer_s
+                self.stats.kv_exposed_s += st.exposed_s
+            except TransferError as e:
+                error = str(e)
+                reqs = [r for r in self.requests.values() if r.send is not None]
+        for req in reqs:
+            req.error = error
+            outs.append(self._finish(req, "error" if error else "sent"))
+        return outs
+
+    def _append_token(self, req: Request, tok: int) -> RequestOutput:
+        req.token_ids.append(tok)
+        p = req.params
+        reason = None
+        piece = ""
+        if not p.ignore_eos and tok in self.eos_ids or tok in p.stop_token_ids:
+            reason = "stop"
+        elif req.detok is not None:
+            piece = req.detok.push(tok)
+        text = req.text + piece
+        if p.stop and piece:
+            hits = [i for i in (text.find(s, max(len(req.text) - len(s), 0)) for s in p.stop) if i >= 0]
+            if hits:
+                text, reason = text[:min(hits)], "stop"
+        if reason is None and (len(req.output_ids) >= p.max_tokens or len(req.token_ids) >= self.max_model_len):
+            reason = "length"
+        # Hold back text that could still grow into a stop string, unless we are done.
+        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+        upto = max(len(text) - hold, req.emitted)
+        new_text, req.text, req.emitted = text[req.emitted:upto], text, upto
+        if reason:
+            return self._finish(req, reason, [tok], new_text)
+        return self._output(req, [tok], new_text, False, None)
+
+    def _output(self, req, new_ids, text, finished, reason) -> RequestOutput:
+        return RequestOutput(req.rid, new_ids, text, finished, reason, req.num_prompt, len(req.output_ids),
+                             req.num_cached_tokens, req.error)
+
+    def _finish(self, req: Request, reason: str, new_ids: list[int] | None = None, text: str = "") -> RequestOutput:
+        self.scheduler.remove(req)
+        if req.seq is not None:
+            self.cache.publish(req.seq, req.token_ids, req.num_computed)
+            self.cache.release(req.seq)
+            req.seq = None
+        req.status, req.finish_reason = Status.FINISHED, reason
+        self.requests.pop(req.rid, None)
+        s = self.stats
+        s.requests_finished[reason] = s.requests_finished.get(reason, 0) + 1
+        if not req.send_only:
+            s.prompt_tokens += req.num_prompt
+            s.generation_tokens += len(req.output_ids)
+            s.prefix_hit_tokens += req.num_cached_tokens
+        return self._output(req, new_ids or [], text, True, reason)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def _window_index(i: int, L: int, name: str) -> int:
+    """Python-style negative indices count from the end of the prompt."""
+    if not isinstance(i, int) or isinstance(i, bool):
+        raise RequestError(f"{name} must be an integer", param=name)
+    return i + L if i < 0 else i

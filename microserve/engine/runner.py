@@ -1,0 +1,84 @@
+"""ModelRunner: turns a scheduled batch into flat varlen tensors, runs the model, returns logits.
+
+It also installs the per-layer send hook: for every sequence with a send window, the slots of this
+step's new tokens that fall inside the window are handed to the transport right after each layer
+stores its K/V, so the copy runs while the rest of that layer (and the next ones) compute.
+"""
+from __future__ import annotations
+
+import torch
+
+from microserve.attention.base import AttentionMetadata, ForwardContext
+from microserve.engine.request import Request
+from microserve.engine.scheduler import ScheduledBatch
+from microserve.kv.pool import KVPool, slots_for
+from microserve.model.llama import LlamaForCausalLM
+from microserve.transfer.base import KVTransport
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, transport: KVTransport, device: torch.device) -> None:
+        self.model, self.pool, self.transport, self.device = model, pool, transport, device
+
+    def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request], bool]:
+        """Compute one step. Returns (logits of the rows to sample, their requests, whether any KV
+        was handed to the transport)."""
+        ps = self.pool.page_size
+        ids, pos, slots, qlens, slens, tables, sample_rows, sample_reqs = [], [], [], [], [], [], [], []
+        sends: list[tuple[list[int], list[int], object]] = []
+        num_decodes = 0
+        for req, n in zip(batch.requests, batch.num_tokens):
+            start, stop = req.num_computed, req.num_computed + n
+            req_slots = slots_for(req.seq.pages, start, stop, ps)
+            ids += req.token_ids[start:stop]
+            pos += range(start, stop)
+            slots += req_slots
+            qlens.append(n)
+            slens.append(stop)
+            tables.append(req.seq.pages)
+            num_decodes += n == 1
+            if stop == len(req.token_ids) and not req.send_only:
+                sample_rows.append(len(ids) - 1)
+                sample_reqs.append(req)
+            w = req.send
+            if w is not None and start < w.end and stop > w.begin:
+                lo, hi = max(start, w.begin), min(stop, w.end)
+                sends.append((req_slots[lo - start:hi - start], w.dst_slots[lo - w.begin:hi - w.begin], w.remote))
+        width = max(len(t) for t in tables)
+        meta = AttentionMetadata(
+            slot_mapping=self._tensor(slots),
+            query_start_loc=self._tensor([0] + list(_cumsum(qlens)), torch.int32),
+            seq_lens=self._tensor(slens, torch.int32),
+            block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
+            query_lens_cpu=qlens, seq_lens_cpu=slens, num_decodes=num_decodes, page_size=ps)
+        hook = None
+        if sends:
+            def hook(layer: int) -> None:
+                for src, dst, remote in sends:
+                    self.transport.write(layer, src, dst, remote)
+        ctx = ForwardContext(meta=meta, kv=self.pool.kv, layer_hook=hook)
+        logits = self.model(self._tensor(ids), self._tensor(pos), ctx, self._tensor(sample_rows))
+        return (logits if sample_rows else None), sample_reqs, bool(sends)
+
+    def send_cached(self, req: Request, upto: int) -> bool:
+        """Send window positions that are already in KV (a prefix hit on the sender), page to page,
+        all layers, without recomputing them. Returns whether anything was sent."""
+        w = req.send
+        lo, hi = w.begin, min(upto, w.end)
+        if hi <= lo:
+            return False
+        src = slots_for(req.seq.pages, lo, hi, self.pool.page_size)
+        dst = w.dst_slots[:hi - lo]
+        for layer in range(self.pool.num_layers):
+            self.transport.write(layer, src, dst, w.remote)
+        return True
+
+
+def _cumsum(xs):
+    total = 0
+    for x in xs:
+        total += x
+        yield total

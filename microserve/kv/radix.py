@@ -1,0 +1,130 @@
+"""A prefix tree over *full* pages of tokens, with lock counts and LRU eviction.
+
+Each node holds one page: the KV of `page_size` tokens that follow its parent's tokens. A path from
+the root spells a cached prefix whose length is a multiple of page_size:
+
+    root ── [t0..t15] ── [t16..t31] ── [t32..t47]      (page_size 16: 48 tokens cached)
+                     └── [u16..u31]                    (a sibling continuation)
+
+`lock(node)` pins node and all its ancestors (a running request uses them); only nodes with lock
+count 0 are evictable, and eviction takes least-recently-used *leaves* first, so a prefix is never
+freed while something that extends it is cached.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass, field
+
+
+@dataclass(eq=False)
+class Node:
+    key: tuple[int, ...]
+    page: int
+    parent: "Node | None"
+    children: dict[tuple[int, ...], "Node"] = field(default_factory=dict)
+    lock: int = 0
+    last_access: float = 0.0
+
+
+class PrefixTree:
+    def __init__(self, page_size: int) -> None:
+        self.page_size = page_size
+        self.root = Node(key=(), page=-1, parent=None, lock=1)  # the root is never evicted
+        self.num_nodes = 0
+        self.num_evictable = 0
+        self._clock = itertools.count()
+
+    def _chunks(self, tokens) -> list[tuple[int, ...]]:
+        ps = self.page_size
+        return [tuple(tokens[i:i + ps]) for i in range(0, len(tokens) - ps + 1, ps)]
+
+    def peek(self, tokens) -> int:
+        """Length of the longest cached prefix of `tokens`. Read-only: no LRU touch, no lock."""
+        node, n = self.root, 0
+        for key in self._chunks(tokens):
+            node = node.children.get(key)
+            if node is None:
+                break
+            n += self.page_size
+        return n
+
+    def match(self, tokens) -> list[Node]:
+        """Nodes of the longest cached prefix of `tokens`, touched for LRU."""
+        path, node, now = [], self.root, next(self._clock)
+        for key in self._chunks(tokens):
+            node = node.children.get(key)
+            if node is None:
+                break
+            node.last_access = now
+            path.append(node)
+        return path
+
+    def insert(self, tokens, pages: list[int]) -> tuple[list[Node], list[int]]:
+        """Cache the full pages of `tokens` (whose KV sits in `pages`).
+
+        Returns the path of nodes now spelling those pages and the pages of ours that the tree
+        already held under another page id (duplicates: still owned by the caller)."""
+        path, dups, node, now = [], [], self.root, next(self._clock)
+        for key, page in zip(self._chunks(tokens), pages):
+            child = node.children.get(key)
+            if child is None:
+                child = Node(key=key, page=page, parent=node)
+                node.children[key] = child
+                self.num_nodes += 1
+                self.num_evictable += 1
+            elif child.page != page:
+                dups.append(page)
+            child.last_access = now
+            path.append(child)
+            node = child
+        return path, dups
+
+    def lock(self, node: Node | None) -> None:
+        while node is not None and node is not self.root:
+            if node.lock == 0:
+                self.num_evictable -= 1
+            node.lock += 1
+            node = node.parent
+
+    def unlock(self, node: Node | None) -> None:
+        while node is not None and node is not self.root:
+            node.lock -= 1
+            assert node.lock >= 0, "unbalanced unlock"
+            if node.lock == 0:
+                self.num_evictable += 1
+            node = node.parent
+
+    def evict(self, n_pages: int) -> list[int]:
+        """Free up to n_pages from unlocked leaves, least recently used first."""
+        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock == 0]
+        heapq.heapify(heap)
+        freed: list[int] = []
+        while heap and len(freed) < n_pages:
+            _, _, leaf = heapq.heappop(heap)
+            parent = leaf.parent
+            del parent.children[leaf.key]
+            self.num_nodes -= 1
+            self.num_evictable -= 1
+            freed.append(leaf.page)
+            if parent is not self.root and not parent.children and parent.lock == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+        return freed
+
+    def _leaves(self):
+        stack = [self.root]
+        while stack:
+            node = stack.pop()
+            if node.children:
+                stack.extend(node.children.values())
+            elif node is not self.root:
+                yield node
+
+    def pages(self) -> set[int]:
+        out, stack = set(), [self.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            if node is not self.root:
+                out.add(node.page)
+        return out

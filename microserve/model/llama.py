@@ -1,0 +1,125 @@
+"""One Llama-family model (Llama, Mistral, Qwen2) over flat varlen batches and a paged KV cache.
+
+The same code runs on CPU and CUDA; only the attention backend differs. q/k/v and gate/up are fused
+into one matmul each (the loader stacks Hugging Face's separate weights into them).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from microserve.attention.base import AttentionBackend, ForwardContext
+from microserve.config import ModelConfig
+from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.layer, self.backend = layer, backend
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size, self.kv_size = self.nh * self.hd, self.nkv * self.hd
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
+                ctx: ForwardContext) -> torch.Tensor:
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = rope(positions, q.view(-1, self.nh, self.hd), k.view(-1, self.nkv, self.hd))
+        o = self.backend.forward(self.layer, q, k, v.view(-1, self.nkv, self.hd), ctx)
+        return self.o_proj(o.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer, backend)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, rope, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rope, ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    # Hugging Face checkpoint names that we store stacked: (ours, theirs, shard index)
+    STACKED = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+               ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, backend) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions: [T]. Returns fp32 logits for the rows in `logits_indices` (all if None)."""
+        x = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, positions, self.rotary, ctx)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(self.norm(x)).float()
+
+    def shard_sizes(self, ours: str) -> list[int]:
+        c = self.cfg
+        if ours == "qkv_proj":
+            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy Hugging Face named tensors into this model; returns the parameter names filled."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        filled: set[str] = set()
+        for name, tensor in weights:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.cfg.tie_word_embeddings:
+                continue
+            for ours, theirs, shard in self.STACKED:
+                if f".{theirs}." in name:
+                    name = name.replace(theirs, ours)
+                    sizes = self.shard_sizes(ours)
+                    offset = sum(sizes[:shard])
+                    params[name].data[offset:offset + sizes[shard]].copy_(tensor)
+                    filled.add(f"{name}#{shard}")
+                    break
+            else:
+                if name not in params:
+                    raise KeyError(f"checkpoint tensor {name!r} has no place in {self.cfg.architecture}")
+                params[name].data.copy_(tensor)
+                filled.add(name)
+        return filled
+
+    def expected_weights(self) -> set[str]:
+        names = set()
+        for name, _ in self.named_parameters():
+            for ours, _, shard in self.STACKED:
+                if f".{ours}." in name:
+                    names |= {f"{name}#{i}" for i in range(len(self.shard_sizes(ours)))}
+                    break
+            else:
+                names.add(name)
+        return names

@@ -1,0 +1,96 @@
+"""Build a model and fill its weights: from a local HF directory (safetensors), a hub id, or dummy.
+
+Dummy weights are deterministic: every tensor is drawn from a generator seeded by (seed, its name),
+so two engines given the same config and seed hold the same model (needed for disaggregation).
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import zlib
+
+import torch
+
+from microserve.attention.base import get_backend
+from microserve.config import ModelConfig
+from microserve.model.layers import RotaryEmbedding
+from microserve.model.llama import LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as is; `embedded` to the built-in tiny model; anything else as a hub id."""
+    if model == "embedded":
+        from microserve.model.embedded import embedded_model_dir
+        return embedded_model_dir()
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"model path {model!r} is not a directory with config.json")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown id, gated...
+        raise ValueError(f"model {model!r} is neither a local directory nor a reachable hub id: {e}") from e
+
+
+def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """`auto`: fp32 on CPU; on CUDA the model's own half type, or bf16 for fp32 checkpoints."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {name!r} (choose auto, float32, bfloat16, float16)")
+        return DTYPES[name]
+    if device.type != "cuda":
+        return torch.float32
+    own = DTYPES.get(cfg.torch_dtype, torch.float32)
+    return own if own != torch.float32 else torch.bfloat16
+
+
+def dummy_weights(model: LlamaForCausalLM, seed: int) -> None:
+    for name, p in model.named_parameters():
+        g = torch.Generator(device=p.device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        noise = torch.randn(p.shape, generator=g, device=p.device, dtype=torch.float32)
+        if "norm" in name:
+            p.data.copy_(1.0 + 0.1 * noise)
+        else:  # unit-variance activations, so dummy models produce varied (if meaningless) tokens
+            std = 1.0 if "embed" in name else p.shape[-1] ** -0.5 if p.dim() > 1 else 0.02
+            p.data.copy_(std * noise)
+
+
+def safetensors_weights(path: str):
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise ValueError(f"no *.safetensors in {path}; pass --load-format dummy for random weights")
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            for name in st.keys():
+                yield name, st.get_tensor(name)
+
+
+def load_model(path: str, cfg: ModelConfig, load_format: str, dtype: torch.dtype, device: torch.device,
+               attention_backend: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+    backend = get_backend(attention_backend, device, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+                          head_dim=cfg.head_dim, scale=cfg.head_dim ** -0.5)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, backend).to(dtype)
+    model = model.to_empty(device=device)  # allocate once, in place, in the final dtype
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                   cfg.rope_scaling).to(device)  # tables stay fp32, like transformers
+    if load_format == "dummy":
+        dummy_weights(model, seed)
+    elif load_format in ("auto", "safetensors"):
+        filled = model.load_weights(safetensors_weights(path))
+        missing = model.expected_weights() - filled
+        if missing:
+            raise ValueError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+    else:
+        raise ValueError(f"unknown load format {load_format!r} (choose auto, safetensors, dummy)")
+    return model.eval()

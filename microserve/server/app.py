@@ -1,0 +1,81 @@
+"""The engine server: one AsyncEngine behind the OpenAI and microserving APIs, /health and /metrics."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from microserve.config import EngineConfig
+from microserve.engine.async_engine import AsyncEngine
+from microserve.engine.engine import Engine
+from microserve.server.metrics import EngineMetrics
+from microserve.server.microserving_api import MicroservingAPI
+from microserve.server.openai_api import OpenAIAPI
+from microserve.web import error_middleware, run_app
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    aengine: AsyncEngine
+    metrics: EngineMetrics
+    started: float
+
+
+def build_app(engine: Engine, debug_api: bool = False) -> web.Application:
+    state = ServerState(engine, AsyncEngine(engine), EngineMetrics(engine), time.time())
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 2**20)
+    app["state"] = state
+    openai = OpenAIAPI(state)
+    app.add_routes(openai.routes() + MicroservingAPI(state, openai).routes())
+
+    async def health(request: web.Request) -> web.Response:
+        a = engine.cache.accounting()
+        return web.json_response({"status": "ok", "model": engine.model_name, "transport": engine.transport.name,
+                                  "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
+                                  "kv": a})
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(state.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app.add_routes([web.get("/health", health), web.get("/metrics", metrics)])
+    if debug_api:  # tests read engine internals through this; never on by default
+        async def kv_accounting(request: web.Request) -> web.Response:
+            return web.json_response(await state.aengine.call(engine.cache.check))
+        app.add_routes([web.get("/debug/kv", kv_accounting)])
+
+    async def on_startup(app):
+        await state.aengine.start()
+
+    async def on_cleanup(app):
+        await state.aengine.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = False) -> None:
+    t0 = time.perf_counter()
+    engine = Engine(config)
+    app = build_app(engine, debug_api)
+    runner = await run_app(app, host, port)
+    a = engine.cache.accounting()
+    log.info("engine ready in %.2fs: model %s (%s, %s on %s), %d KV pages x %d tokens, transport %s, "
+             "http://%s:%d", time.perf_counter() - t0, engine.model_name, engine.model_config.architecture,
+             str(engine.dtype).removeprefix("torch."), engine.device, a["total"], engine.pool.page_size,
+             engine.transport.name, host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()

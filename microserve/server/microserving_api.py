@@ -1,0 +1,80 @@
+"""The microserving endpoints, in MLC-LLM's JSON contract, plus our additions.
+
+    POST /microserving/prep_recv        {..., "end"}                       -> {"kv_append_metadata", "prefix_matched_length"}
+    POST /microserving/remote_send      {..., "begin", "end", "kv_addr_info", "recv_rank"} -> {} once landed
+    POST /microserving/start_generate   {..., "begin"}                     -> a completion (JSON or SSE)
+    POST /microserving/commit           {..., "user"}                      -> {"cached_tokens"}
+    POST /microserving/abort            {"user"}                           -> {}
+    POST /microserving/match            {"prompt"}                         -> {"prefix_matched_length"}
+
+Every body is an OpenAI completion request; `user` is the request id shared by the calls.
+"""
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import BaseModel
+
+from microserve.engine.engine import RequestError
+from microserve.protocol import MicroservingRequest, PrepRecvResponse
+from microserve.server.openai_api import OpenAIAPI, respond, sampling_params
+from microserve.web import HTTPError, parse_body
+
+
+class RequestId(BaseModel):
+    user: str
+
+
+class MicroservingAPI:
+    def __init__(self, state, openai: OpenAIAPI) -> None:
+        self.s, self.openai = state, openai
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post(f"/microserving/{name}", getattr(self, name))
+                for name in ("prep_recv", "remote_send", "start_generate", "commit", "abort", "match")]
+
+    async def _body(self, request: web.Request, *fields: str) -> tuple[MicroservingRequest, list[int]]:
+        body = await parse_body(request, MicroservingRequest)
+        self.openai.check_model(body.model)
+        for f in ("user",) + fields:
+            if getattr(body, f) is None:
+                raise HTTPError(400, f"{request.path} needs the field {f!r}", "invalid_request", f)
+        return body, self.openai.prompt_ids(body)
+
+    async def _engine(self, fn, *args):
+        try:
+            return await self.s.aengine.call(fn, *args)
+        except RequestError as e:
+            raise HTTPError(e.status, str(e), e.code, e.param) from None
+
+    async def prep_recv(self, request: web.Request) -> web.Response:
+        body, ids = await self._body(request, "end")
+        meta, matched = await self._engine(self.s.engine.prep_recv, body.user, ids, body.end,
+                                           sampling_params(body, body.max_tokens))
+        return web.json_response(PrepRecvResponse(kv_append_metadata=meta, prefix_matched_length=matched).model_dump())
+
+    async def remote_send(self, request: web.Request) -> web.Response:
+        body, ids = await self._body(request, "begin", "end", "kv_addr_info")
+        try:
+            await self.s.aengine.remote_send(body.user, ids, body.begin, body.end, body.kv_addr_info)
+        except RequestError as e:
+            raise HTTPError(e.status, str(e), e.code, e.param) from None
+        return web.json_response({})
+
+    async def start_generate(self, request: web.Request) -> web.StreamResponse:
+        body, ids = await self._body(request, "begin")
+        stream = self.s.aengine.start_generate(body.user, body.begin, ids, sampling_params(body, body.max_tokens))
+        return await respond(request, self.s, body.user, body, stream, chat=False)
+
+    async def commit(self, request: web.Request) -> web.Response:
+        body = await parse_body(request, RequestId)
+        return web.json_response({"cached_tokens": await self._engine(self.s.engine.commit, body.user)})
+
+    async def abort(self, request: web.Request) -> web.Response:
+        body = await parse_body(request, RequestId)
+        await self._engine(self.s.engine.abort_parked, body.user)
+        return web.json_response({})
+
+    async def match(self, request: web.Request) -> web.Response:
+        body = await parse_body(request, MicroservingRequest)
+        ids = self.openai.prompt_ids(body)
+        return web.json_response({"prefix_matched_length": await self._engine(self.s.engine.match, ids)})

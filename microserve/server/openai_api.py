@@ -1,0 +1,132 @@
+"""OpenAI-compatible endpoints: /v1/completions, /v1/chat/completions, /v1/models.
+
+`respond` turns a stream of engine outputs into an OpenAI response (SSE or one JSON body); the
+microserving start_generate reuses it, since its reply is an ordinary completion."""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from typing import AsyncIterator
+
+from aiohttp import web
+
+from microserve.engine.engine import RequestError
+from microserve.engine.request import RequestOutput
+from microserve.engine.sampling import SamplingParams
+from microserve.engine.tokenizer import NoChatTemplate
+from microserve.protocol import (ChatCompletionRequest, CompletionRequest, SamplingFields, completion_chunk,
+                                 completion_response, new_id, usage_chunk, usage_dict)
+from microserve.web import HTTPError, SSEWriter, parse_body
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens if max_tokens is not None else 16, temperature=body.temperature,
+                          top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop_list,
+                          stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos)
+
+
+class OpenAIAPI:
+    def __init__(self, state) -> None:
+        self.s = state  # server.app.ServerState
+
+    def routes(self) -> list[web.RouteDef]:
+        return [web.post("/v1/completions", self.completions), web.post("/v1/chat/completions", self.chat),
+                web.get("/v1/models", self.models)]
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model not in (self.s.engine.model_name, self.s.engine.config.model):
+            raise HTTPError(404, f"the model {model!r} does not exist; this engine serves "
+                                 f"{self.s.engine.model_name!r}", "model_not_found", "model")
+
+    def prompt_ids(self, body: CompletionRequest) -> list[int]:
+        try:
+            prompt = body.single_prompt()
+        except ValueError as e:
+            raise HTTPError(400, str(e), "invalid_request", "prompt") from None
+        if isinstance(prompt, str):
+            if not prompt:
+                raise HTTPError(400, "the prompt is empty", "invalid_request", "prompt")
+            if self.s.engine.tokenizer is None:
+                raise HTTPError(400, "this model has no tokenizer: give the prompt as token ids", "invalid_request",
+                                "prompt")
+            return self.s.engine.tokenizer.encode(prompt)
+        return list(prompt)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await parse_body(request, CompletionRequest)
+        self.check_model(body.model)
+        ids = self.prompt_ids(body)
+        rid = new_id("cmpl")
+        stream = self.s.aengine.generate(rid, ids, sampling_params(body, body.max_tokens))
+        return await respond(request, self.s, rid, body, stream, chat=False)
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await parse_body(request, ChatCompletionRequest)
+        self.check_model(body.model)
+        tok = self.s.engine.tokenizer
+        if tok is None:
+            raise HTTPError(400, "this model has no tokenizer, so it cannot chat", "invalid_request")
+        try:
+            ids = tok.encode_chat([m.text() for m in body.messages])
+        except NoChatTemplate as e:
+            raise HTTPError(400, str(e), "no_chat_template", "messages") from None
+        except Exception as e:  # a template's raise_exception, or a jinja error
+            raise HTTPError(400, f"chat template failed: {e}", "invalid_request", "messages") from None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        if max_tokens is None:
+            max_tokens = max(self.s.engine.max_model_len - len(ids), 1)
+        rid = new_id("chatcmpl")
+        stream = self.s.aengine.generate(rid, ids, sampling_params(body, max_tokens))
+        return await respond(request, self.s, rid, body, stream, chat=True)
+
+    async def models(self, request: web.Request) -> web.Response:
+        e = self.s.engine
+        return web.json_response({"object": "list", "data": [
+            {"id": e.model_name, "object": "model", "created": int(self.s.started), "owned_by": "microserve",
+             "root": e.model_path, "max_model_len": e.max_model_len}]})
+
+
+async def respond(request: web.Request, state, rid: str, body: SamplingFields,
+                  outputs: AsyncIterator[RequestOutput], chat: bool) -> web.StreamResponse:
+    """Stream or collect engine outputs as an OpenAI (chat) completion. Validation errors surface
+    before anything is sent, so they get a proper 4xx; a client that leaves aborts the request."""
+    model = state.engine.model_name
+    t0 = time.perf_counter()
+    async with aclosing(outputs) as outs:
+        try:
+            first = await anext(outs)
+        except RequestError as e:
+            raise HTTPError(e.status, str(e), e.code, e.param) from None
+        t_first = time.perf_counter()
+        state.metrics.ttft.observe(t_first - t0)
+        ids = body.return_token_ids
+        text_parts, token_ids, last = [], [], first
+        writer = None
+        if body.stream:
+            writer = SSEWriter(request)
+            await writer.start()
+
+        async def handle(out: RequestOutput, first_chunk: bool) -> None:
+            text_parts.append(out.text)
+            token_ids.extend(out.new_token_ids)
+            if writer and (out.text or out.new_token_ids or out.finished):
+                await writer.send(completion_chunk(rid, model, out.text, out.finish_reason,
+                                                   out.new_token_ids if ids else None, chat, first_chunk))
+
+        await handle(first, True)
+        async for out in outs:
+            last = out
+            await handle(out, False)
+    if last.error and last.finish_reason == "error" and writer is None:
+        raise HTTPError(503, last.error, "engine_error")
+    dt = time.perf_counter() - t0
+    state.metrics.e2e.observe(dt)
+    if last.num_output_tokens > 1:
+        state.metrics.tpot.observe((dt - (t_first - t0)) / (last.num_output_tokens - 1))
+    usage = usage_dict(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
+    if writer:
+        if body.include_usage:
+            await writer.send(usage_chunk(rid, model, usage, chat))
+        return await writer.done()
+    return web.json_response(completion_response(rid, model, "".join(text_parts), last.finish_reason, usage,
+                                                 token_ids if ids else None, chat))

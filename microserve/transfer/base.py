@@ -1,0 +1,170 @@
+"""The transport interface, the `kv_append_metadata` wire format, and a copy worker for overlap.
+
+`kv_append_metadata` (prep_recv's reply, remote_send's `kv_addr_info`) is an opaque base64 string
+of JSON:
+
+    {"transport": "shm", "peer": {...how to reach the receiver's pool...},
+     "layout": [layers, kv_heads, head_dim, page_size, dtype], "runs": [n, begin1, len1, ...]}
+
+`runs` are the receiver's slots for prompt[matched:end) in MLC's compressed form.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from microserve.kv.pool import compress_runs, expand_runs
+
+
+class TransferError(Exception):
+    """A KV transfer could not be set up or did not complete; `status` is the HTTP status."""
+
+    def __init__(self, message: str, status: int = 502) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class TransferStats:
+    bytes: int = 0
+    transfer_s: float = 0.0  # time the copies took
+    exposed_s: float = 0.0  # of which compute waited for (the rest was hidden behind compute)
+
+
+def encode_kv_addr(transport: str, peer: dict, layout: list, slots: list[int]) -> str:
+    doc = {"transport": transport, "peer": peer, "layout": layout, "runs": compress_runs(slots)}
+    return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
+
+
+def decode_kv_addr(s: str) -> tuple[dict, list[int]]:
+    """Parse kv_addr_info; raises TransferError(400) on anything malformed."""
+    try:
+        doc = json.loads(base64.b64decode(s, validate=True))
+        slots = expand_runs(doc["runs"])
+        if not isinstance(doc["transport"], str) or not isinstance(doc["peer"], dict):
+            raise ValueError("bad transport or peer")
+        return doc, slots
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise TransferError(f"kv_addr_info is not valid kv_append_metadata: {e}", 400) from None
+
+
+def slot_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
+    """Pairs of slots -> (src_begin, dst_begin, length) runs contiguous on both sides."""
+    runs: list[list[int]] = []
+    for s, d in zip(src, dst):
+        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, d, 1])
+    return [tuple(r) for r in runs]
+
+
+class KVTransport:
+    """Contract:
+    - `allocate(shape, dtype, device)` returns the engine's KV pool memory, reachable by peers.
+    - `describe()` is a JSON-able dict that lets a peer's `connect` reach that memory.
+    - `write(layer, src, dst, remote)` starts copying rows `src` of our layer `layer` (K and V) to
+      rows `dst` of the same layer in `remote`. It may return before the bytes land.
+    - `flush(timeout)` returns once every write so far has landed (raises TransferError if one
+      failed, the peer died, or the timeout passed) and reports the bytes and times involved.
+    """
+
+    name = "base"
+
+    def __init__(self) -> None:
+        self.local: torch.Tensor | None = None
+
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        self.local = torch.zeros(shape, dtype=dtype, device=device)
+        return self.local
+
+    def describe(self) -> dict:
+        raise TransferError(f"transport {self.name!r} cannot receive KV", 400)
+
+    def connect(self, peer: dict) -> Any:
+        raise TransferError(f"transport {self.name!r} cannot send KV", 400)
+
+    def write(self, layer: int, src: list[int], dst: list[int], remote: Any) -> None:
+        raise NotImplementedError
+
+    def flush(self, timeout: float) -> TransferStats:
+        return TransferStats()
+
+    def close(self) -> None:
+        pass
+
+
+class CopyWorker:
+    """Runs row copies on a background thread so they overlap the sender's compute.
+
+    torch copy kernels release the GIL, so on CPU the copy runs beside the next layer's matmuls;
+    `wait` measures how long the caller still had to wait (the exposed part of the transfer)."""
+
+    def __init__(self, name: str) -> None:
+        self._q: queue.Queue = queue.Queue()
+        self._pending = 0
+        self._cv = threading.Condition()
+        self._error: BaseException | None = None
+        self.stats = TransferStats()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn, nbytes: int) -> None:
+        with self._cv:
+            self._pending += 1
+        self._q.put((fn, nbytes))
+
+    def _run(self) -> None:
+        while True:
+            fn, nbytes = self._q.get()
+            if fn is None:
+                return
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except BaseException as e:  # reported by wait()
+                self._error = e
+            dt = time.perf_counter() - t0
+            with self._cv:
+                self.stats.bytes += nbytes
+                self.stats.transfer_s += dt
+                self._pending -= 1
+                self._cv.notify_all()
+
+    def wait(self, timeout: float) -> TransferStats:
+        t0 = time.perf_counter()
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._pending == 0, timeout):
+                raise TransferError(f"KV transfer did not complete within {timeout:.1f}s", 504)
+            self.stats.exposed_s += time.perf_counter() - t0
+            stats, self.stats = self.stats, TransferStats()
+            err, self._error = self._error, None
+        if err is not None:
+            raise TransferError(f"KV transfer failed: {err}") from err
+        return stats
+
+    def close(self) -> None:
+        self._q.put((None, 0))
+
+
+def make_transport(name: str, **kw) -> KVTransport:
+    if name == "shm":
+        from microserve.transfer.shm import ShmTransport
+        return ShmTransport(**kw)
+    if name == "nixl":
+        from microserve.transfer.nixl import NixlTransport
+        return NixlTransport(**kw)
+    if name == "cuda_ipc":
+        from microserve.transfer.cuda_ipc import CudaIpcTransport
+        return CudaIpcTransport(**kw)
+    if name == "none":
+        return KVTransport()
+    raise ValueError(f"unknown KV transport {name!r} (choose shm, nixl, cuda_ipc or none)")
