@@ -8,17 +8,17 @@ from typing import TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from microserve.errors import ServeError
 from microserve.protocol import error_body, validation_message
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class HTTPError(Exception):
+class HTTPError(ServeError):
     """Raise anywhere in a handler to answer with an OpenAI-style error body."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+        super().__init__(message, status, code or "invalid_request", param)
 
 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> web.Response:
@@ -44,8 +44,8 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
 async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
-    except HTTPError as e:
-        return error_response(e.status, e.message, e.code, e.param)
+    except ServeError as e:
+        return error_response(e.status, str(e), e.code, e.param)
     except web.HTTPException as e:
         if e.status >= 400 and e.content_type != "application/json":
             return error_response(e.status, e.reason, e.reason.lower().replace(" ", "_"))

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from microserve.engine.engine import Engine, RequestError
+from microserve.transfer.base import TransferError
 from microserve.engine.request import RequestOutput
 from microserve.engine.sampling import SamplingParams
 
@@ -87,8 +88,7 @@ class AsyncEngine:
         """Returns once every byte of KV for [begin, end) has landed in the receiver."""
         async for out in self._stream(f"send-{rid}", self.engine.remote_send, rid, prompt_ids, begin, end, kv_addr_info):
             if out.finished and out.error:
-                status = 504 if "within" in out.error else 502
-                raise RequestError(out.error, status, "transfer_error")
+                raise TransferError(out.error, 504 if "within" in out.error else 502)
 
     # ---- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:

@@ -23,7 +23,8 @@ from microserve.engine.runner import ModelRunner
 from microserve.engine.sampling import SamplingParams, sample
 from microserve.engine.scheduler import Scheduler
 from microserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
-from microserve.kv.cache import KVCache, KVCacheError, SendWindow
+from microserve.errors import ServeError
+from microserve.kv.cache import KVCache, SendWindow
 from microserve.kv.pool import KVPool
 from microserve.model.loader import load_model, resolve_dtype, resolve_model_path
 from microserve.transfer.base import TransferError, decode_kv_addr, encode_kv_addr, make_transport
@@ -31,12 +32,8 @@ from microserve.transfer.base import TransferError, decode_kv_addr, encode_kv_ad
 log = logging.getLogger(__name__)
 
 
-class RequestError(ValueError):
-    """Bad input to the engine; maps to HTTP `status` with an OpenAI error `code`."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request", param: str | None = None):
-        super().__init__(message)
-        self.status, self.code, self.param = status, code, param
+class RequestError(ServeError):
+    """Bad input to the engine."""
 
 
 @dataclass
@@ -146,14 +143,8 @@ class Engine:
             raise RequestError(f"prep_recv needs 0 <= end < prompt length ({len(prompt_ids)}), got end={end}", param="end")
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already running", 409, "conflict")
-        try:
-            res = self.cache.reserve_recv(rid, prompt_ids, end, payload=params)
-            desc = self.transport.describe()
-        except KVCacheError as e:
-            raise RequestError(str(e), e.status, e.code) from None
-        except TransferError as e:
-            self.cache.abort(rid)
-            raise RequestError(str(e), e.status, "transfer_error") from None
+        desc = self.transport.describe()  # before reserving: a transport that cannot receive leaks nothing
+        res = self.cache.reserve_recv(rid, prompt_ids, end, payload=params)
         return encode_kv_addr(self.transport.name, desc, self.layout, res.slots(self.pool.page_size)), res.matched
 
     def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> Request:
@@ -164,19 +155,16 @@ class Engine:
         if not 0 <= begin < end < L:
             raise RequestError(f"remote_send needs 0 <= begin < end < prompt length ({L}), got begin={begin}, end={end}",
                                param="begin")
-        try:
-            doc, dst = decode_kv_addr(kv_addr_info)
-            if doc["transport"] != self.transport.name:
-                raise TransferError(f"kv_addr_info is for transport {doc['transport']!r}, this engine uses "
-                                    f"{self.transport.name!r}", 400)
-            if doc.get("layout") != self.layout:
-                raise TransferError(f"kv_addr_info's KV layout {doc.get('layout')} does not match this engine's "
-                                    f"{self.layout} (a different model?)", 400)
-            if len(dst) != end - begin:
-                raise TransferError(f"end - begin = {end - begin} but the receiver reserved {len(dst)} slots", 400)
-            remote = self.transport.connect(doc["peer"])
-        except TransferError as e:
-            raise RequestError(str(e), e.status, "invalid_kv_addr_info" if e.status == 400 else "transfer_error") from None
+        doc, dst = decode_kv_addr(kv_addr_info)
+        if doc["transport"] != self.transport.name:
+            raise TransferError(f"kv_addr_info is for transport {doc['transport']!r}, this engine uses "
+                                f"{self.transport.name!r}", 400)
+        if doc.get("layout") != self.layout:
+            raise TransferError(f"kv_addr_info's KV layout {doc.get('layout')} does not match this engine's "
+                                f"{self.layout} (a different model?)", 400)
+        if len(dst) != end - begin:
+            raise TransferError(f"end - begin = {end - begin} but the receiver reserved {len(dst)} slots", 400)
+        remote = self.transport.connect(doc["peer"])
         send_rid = f"send-{rid}"
         req = self._new_request(send_rid, prompt_ids[:end], SamplingParams(max_tokens=1, temperature=0.0),
                                 send_only=True, send=SendWindow(begin, end, dst, remote))
@@ -218,17 +206,11 @@ class Engine:
             self.stats.kv_received_bytes += (res.end - res.matched) * self.pool.bytes_per_token_layer * self.pool.num_layers
 
     def commit(self, rid: str) -> int:
-        try:
-            self._count_received(rid)
-            return self.cache.commit(rid)
-        except KVCacheError as e:
-            raise RequestError(str(e), e.status, e.code) from None
+        self._count_received(rid)
+        return self.cache.commit(rid)
 
     def abort_parked(self, rid: str) -> None:
-        try:
-            self.cache.abort(rid)
-        except KVCacheError as e:
-            raise RequestError(str(e), e.status, e.code) from None
+        self.cache.abort(rid)
 
     def expire(self) -> list[str]:
         return self.cache.expire()

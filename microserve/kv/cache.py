@@ -17,16 +17,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from microserve.errors import ServeError
 from microserve.kv.pool import KVPool, slots_for
 from microserve.kv.radix import Node, PrefixTree
 
 
-class KVCacheError(Exception):
-    """A request the cache cannot honour; `status` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.status, self.code = status, code
+class KVCacheError(ServeError):
+    """A request the cache cannot honour (unknown or ended reservation, no pages)."""
 
 
 @dataclass(eq=False)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from aiohttp import web
 from pydantic import BaseModel
 
-from microserve.engine.engine import RequestError
 from microserve.protocol import MicroservingRequest, PrepRecvResponse
 from microserve.server.openai_api import OpenAIAPI, respond, sampling_params
 from microserve.web import HTTPError, parse_body
@@ -41,10 +40,7 @@ class MicroservingAPI:
         return body, self.openai.prompt_ids(body)
 
     async def _engine(self, fn, *args):
-        try:
-            return await self.s.aengine.call(fn, *args)
-        except RequestError as e:
-            raise HTTPError(e.status, str(e), e.code, e.param) from None
+        return await self.s.aengine.call(fn, *args)
 
     async def prep_recv(self, request: web.Request) -> web.Response:
         body, ids = await self._body(request, "end")
@@ -54,10 +50,7 @@ class MicroservingAPI:
 
     async def remote_send(self, request: web.Request) -> web.Response:
         body, ids = await self._body(request, "begin", "end", "kv_addr_info")
-        try:
-            await self.s.aengine.remote_send(body.user, ids, body.begin, body.end, body.kv_addr_info)
-        except RequestError as e:
-            raise HTTPError(e.status, str(e), e.code, e.param) from None
+        await self.s.aengine.remote_send(body.user, ids, body.begin, body.end, body.kv_addr_info)
         return web.json_response({})
 
     async def start_generate(self, request: web.Request) -> web.StreamResponse:

@@ -10,7 +10,6 @@ from typing import AsyncIterator
 
 from aiohttp import web
 
-from microserve.engine.engine import RequestError
 from microserve.engine.request import RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.engine.tokenizer import NoChatTemplate
@@ -93,10 +92,7 @@ async def respond(request: web.Request, state, rid: str, body: SamplingFields,
     model = state.engine.model_name
     t0 = time.perf_counter()
     async with aclosing(outputs) as outs:
-        try:
-            first = await anext(outs)
-        except RequestError as e:
-            raise HTTPError(e.status, str(e), e.code, e.param) from None
+        first = await anext(outs)  # a ServeError here (bad input) becomes a 4xx before anything is sent
         t_first = time.perf_counter()
         state.metrics.ttft.observe(t_first - t0)
         ids = body.return_token_ids

@@ -21,15 +21,16 @@ from typing import Any
 
 import torch
 
+from microserve.errors import ServeError
 from microserve.kv.pool import compress_runs, expand_runs
 
 
-class TransferError(Exception):
-    """A KV transfer could not be set up or did not complete; `status` is the HTTP status."""
+class TransferError(ServeError):
+    """A KV transfer could not be set up (400: bad or foreign kv_addr_info) or did not complete
+    (502: peer failed or died, 504: timed out)."""
 
     def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message)
-        self.status = status
+        super().__init__(message, status, "invalid_kv_addr_info" if status == 400 else "transfer_error")
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""Shared fixtures: paths to the shared tiny models, tiny random HF checkpoints, engine processes."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from microserve.launch import Proc, free_port, spawn, stop, wait_healthy
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+STORIES = str(SHARED / "models" / "stories260K")
+STORIES_HD32 = str(SHARED / "models" / "stories260K-hd32")
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def make_hf_model(path: Path, arch: str = "llama", **overrides) -> str:
+    """Save a tiny random transformers model (the correctness oracle) with a tokenizer copied from
+    stories260K, so the engine and transformers load the very same weights."""
+    import torch
+    import transformers
+
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1,
+                eos_token_id=2)
+    base.update(overrides)
+    cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+           "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+           "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[arch]
+    torch.manual_seed(0)
+    model = cls[1](cls[0](**base)).eval()
+    model.save_pretrained(path)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (path / f).write_text((Path(STORIES) / f).read_text())
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    return make_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+class EngineProcs:
+    """Start engine server processes; all are stopped at teardown."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.procs = tmp, []
+
+    def start(self, *args: str, model: str = STORIES, name: str = "engine") -> Proc:
+        port = free_port()
+        log = self.tmp / f"{name}-{port}.log"
+        p = spawn(name, ["engine", "--model", model, "--debug-api", *args], port, str(log))
+        self.procs.append(p)
+        try:
+            wait_healthy([p], timeout=90)
+        except Exception:
+            raise RuntimeError(log.read_text()[-3000:])
+        return p
+
+    def stop_all(self) -> None:
+        stop(self.procs)
+
+
+@pytest.fixture
+def engines(tmp_path):
+    e = EngineProcs(tmp_path)
+    yield e
+    e.stop_all()
+
+
+@pytest.fixture(scope="module")
+def module_engines(tmp_path_factory):
+    e = EngineProcs(tmp_path_factory.mktemp("engines"))
+    yield e
+    e.stop_all()
+
+
+def kv_accounting(url: str) -> dict:
+    import urllib.request
+    with urllib.request.urlopen(url + "/debug/kv") as r:
+        return json.loads(r.read())
