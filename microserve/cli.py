@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from microserve.config import EngineConfig
@@ -67,6 +68,35 @@ def cmd_engine(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_router(a: argparse.Namespace) -> int:
+    from microserve.router.serve import run_router
+    engines = [(u, "both") for u in a.engine] + [(u, "prefill") for u in a.prefill] + [(u, "decode") for u in a.decode]
+    if not engines:
+        raise SystemExit("give at least one --engine, --prefill or --decode URL")
+    asyncio.run(run_router(engines, a.strategy, a.model, a.served_model_name, a.host, a.port,
+                           a.admin_token or os.environ.get("MICROSERVE_ADMIN_TOKEN"), a.timeout_s))
+    return 0
+
+
+def cmd_up(a: argparse.Namespace, extra: list[str]) -> int:
+    from microserve.router.serve import up
+    return up(a, extra)
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", default="least_loaded",
+                   help="routing strategy: round_robin, least_loaded (alias dp), cache_aware, pd, balanced_pd, "
+                        "cache_aware_pd, migration, adaptive, or package.module:Class; parameters after a colon, "
+                        "e.g. pd:balance=0.2 (default: %(default)s)")
+    p.add_argument("--served-model-name", default=None, help="model name clients use (default: --model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8080, help="router port (default: %(default)s)")
+    p.add_argument("--admin-token", default=None,
+                   help="bearer token for /admin/* (default: $MICROSERVE_ADMIN_TOKEN; `up` makes one if unset)")
+    p.add_argument("--timeout-s", type=float, default=60.0,
+                   help="an engine that sends nothing for this long is taken as failed (default: %(default)s)")
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from microserve.demo import run_demo
     return run_demo(a)
@@ -89,15 +119,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug-api", action="store_true", help="expose /debug/kv (KV page accounting) for tests")
     p.set_defaults(fn=cmd_engine)
 
+    p = sub.add_parser("router", help="the programmable router in front of running engines",
+                       description="Route OpenAI requests over engines started elsewhere (e.g. one `microserve "
+                                   "engine` per host) with a strategy; /admin/* reconfigures it at run time.")
+    p.add_argument("--engine", action="append", default=[], metavar="URL", help="an engine that prefills and decodes")
+    p.add_argument("--prefill", action="append", default=[], metavar="URL", help="a prefill engine")
+    p.add_argument("--decode", action="append", default=[], metavar="URL", help="a decode engine")
+    p.add_argument("--model", default=None, help="model directory (or 'embedded') whose tokenizer the router uses")
+    add_router_args(p)
+    p.set_defaults(fn=cmd_router)
+
+    p = sub.add_parser("up", help="start N engines and a router on this host; Ctrl-C stops everything",
+                       description="Start N engine processes and the router on one host, wait until all are "
+                                   "healthy, print the URLs, serve until Ctrl-C or SIGTERM, then stop every "
+                                   "process. Flags not listed here (e.g. --page-size, --kv-transport) are "
+                                   "passed to every engine: see `microserve engine --help`.")
+    p.add_argument("--model", default="embedded", help="model for every engine (default: %(default)s)")
+    p.add_argument("--engines", type=int, default=2, help="engine processes to start (default: %(default)s)")
+    p.add_argument("--prefill", type=int, default=None,
+                   help="how many of them are prefill engines, the rest decode (default: 1 for pd strategies, "
+                        "else 0: every engine does both)")
+    p.add_argument("--pin-cores", action="store_true",
+                   help="pin engine i to CPU core i with one torch thread (the CPU miniature)")
+    p.add_argument("--log-dir", default="microserve-logs", help="engine logs go here (default: %(default)s)")
+    p.add_argument("--startup-timeout-s", type=float, default=120.0, help="(default: %(default)s)")
+    add_router_args(p)
+    p.set_defaults(fn=cmd_up, passthrough=True)
+
     p = sub.add_parser("demo", help="bring up engines on the embedded model, send real requests, print, shut down",
                        description="The README's first command: engines and a router on one host, a few real "
                                    "requests through them, outputs and timings printed, everything stopped.")
     p.add_argument("--model", default="embedded", help="model to serve (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens to generate per request (default: %(default)s)")
     p.set_defaults(fn=cmd_demo)
+    from microserve.bench.cli import register as register_bench
+    register_bench(sub)
 
-    a = parser.parse_args(argv)
+    a, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if getattr(a, "passthrough", False):
+        return a.fn(a, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return a.fn(a)
 
 

@@ -113,3 +113,19 @@ class EngineConfig:
     num_threads: int | None = None
     cpu_affinity: list[int] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as is; `embedded` to the built-in tiny model; anything else as a hub id."""
+    if model == "embedded":
+        from microserve.model.embedded import embedded_model_dir
+        return embedded_model_dir()
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"model path {model!r} is not a directory with config.json")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+    except Exception as e:  # offline, unknown id, gated...
+        raise ValueError(f"model {model!r} is neither a local directory nor a reachable hub id: {e}") from e

@@ -1,46 +1,69 @@
-"""The README's first command: real engine processes on the embedded model, real requests, timings."""
+"""The README's first command: two engine processes on the embedded model, PD disaggregation
+through the router, real requests, outputs and per-request timings, then everything stopped."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
 
-from microserve.launch import free_port, spawn, stop, wait_healthy
+from microserve.launch import free_port, stop, wait_healthy
+from microserve.router.serve import engine_roles, start_engines, start_router
 
-PROMPTS = ["Once upon a time", "The router asked each engine", "Hello world! How are you"]
+PROMPTS = ["Once upon a time", "The router asked each engine how much of the prompt it had cached",
+           "Hello world! How are you today?"]
 
 
-async def _send(url: str, model: str, prompts: list[str], max_tokens: int) -> None:
-    async with aiohttp.ClientSession() as s:
-        async def one(prompt: str):
-            t0 = time.perf_counter()
-            ttft = None
-            text = ""
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                    "ignore_eos": True}
-            async with s.post(url + "/v1/completions", json=body) as r:
-                r.raise_for_status()
-                async for line in r.content:
-                    if line.startswith(b"data: {"):
-                        ttft = ttft or time.perf_counter() - t0
-                        import json
-                        text += json.loads(line[6:])["choices"][0]["text"] if json.loads(line[6:])["choices"] else ""
-            return prompt, text, ttft, time.perf_counter() - t0
+async def _one(session: aiohttp.ClientSession, url: str, prompt: str, max_tokens: int) -> dict:
+    t0 = time.perf_counter()
+    ttft, text, usage = None, "", {}
+    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    async with session.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"router answered {r.status}: {await r.text()}")
+        async for line in r.content:
+            if not line.startswith(b"data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices"):
+                ttft = ttft or time.perf_counter() - t0
+                text += chunk["choices"][0]["text"]
+            usage = chunk.get("usage") or usage
+    return {"prompt": prompt, "text": text, "ttft": ttft, "e2e": time.perf_counter() - t0, "usage": usage}
 
-        for prompt, text, ttft, e2e in await asyncio.gather(*(one(p) for p in prompts)):
-            print(f"--- {prompt!r}\n    -> {text!r}\n    TTFT {ttft * 1e3:.1f} ms, total {e2e * 1e3:.1f} ms")
+
+async def _demo(engines, strategy: str, model: str, max_tokens: int) -> None:
+    port = free_port()
+    runner = await start_router(engines, strategy, model, model, "127.0.0.1", port)
+    url = f"http://127.0.0.1:{port}"
+    print(f"router  {url}  strategy={strategy}\n")
+    try:
+        async with aiohttp.ClientSession() as s:
+            await asyncio.sleep(0.2)
+            results = await asyncio.gather(*(_one(s, url, p, max_tokens) for p in PROMPTS))
+        for r in results:
+            u = r["usage"]
+            print(f"prompt : {r['prompt']!r}\noutput : {r['text']!r}\n"
+                  f"timing : TTFT {r['ttft'] * 1e3:.1f} ms, total {r['e2e'] * 1e3:.1f} ms, "
+                  f"{u.get('prompt_tokens')} prompt + {u.get('completion_tokens')} generated tokens\n")
+    finally:
+        await runner.cleanup()
 
 
 def run_demo(a) -> int:
-    port = free_port()
     t0 = time.perf_counter()
-    procs = [spawn("engine", ["engine", "--model", a.model], port)]
+    strategy = "pd"
+    roles = engine_roles(2, strategy, None)
+    procs = start_engines(a.model, 2, [])
     try:
         wait_healthy(procs)
-        print(f"engine up at {procs[0].url} in {time.perf_counter() - t0:.1f}s (model {a.model})")
-        asyncio.run(_send(procs[0].url, a.model, PROMPTS, a.max_tokens))
+        for p, role in zip(procs, roles):
+            print(f"engine  {p.url}  role={role}")
+        print(f"2 engines up in {time.perf_counter() - t0:.1f}s (model {a.model})")
+        asyncio.run(_demo([(p.url, r) for p, r in zip(procs, roles)], strategy, a.model, a.max_tokens))
     finally:
         stop(procs)
-    print("stopped.")
+    print("stopped: engines and router are down.")
     return 0

@@ -5,6 +5,7 @@ process outlives the launcher; KV pools live in unlinked shared memory, so none 
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -33,12 +34,20 @@ class Proc:
         return self.popen.poll() is None
 
 
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the launcher dies, even by SIGKILL (Linux), so none is orphaned."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 def spawn(name: str, args: list[str], port: int, log_path: str | None = None, env: dict | None = None) -> Proc:
     """Run `python -m microserve.cli <args> --port port` in the background."""
     argv = [sys.executable, "-m", "microserve.cli", *args, "--port", str(port)]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                             env={**os.environ, **(env or {})})
+                             env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
     return Proc(name, f"http://127.0.0.1:{port}", popen, argv)
 
 

@@ -1,6 +1,7 @@
 """Tokenizer: Hugging Face `tokenizer.json` through the `tokenizers` library (what transformers'
 fast tokenizers run underneath), chat templates rendered with jinja2 as transformers does, and
-incremental detokenization for streaming."""
+incremental detokenization for streaming. Top level because the engine and the router (which
+never imports torch) both use it."""
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ models, OpenAI-style error responses, and server-sent events."""
 from __future__ import annotations
 
 import json
+import logging
 from typing import TypeVar
 
 from aiohttp import web
@@ -12,6 +13,7 @@ from microserve.errors import ServeError
 from microserve.protocol import error_body, validation_message
 
 M = TypeVar("M", bound=BaseModel)
+log = logging.getLogger(__name__)
 
 
 class HTTPError(ServeError):
@@ -50,6 +52,9 @@ async def error_middleware(request: web.Request, handler):
         if e.status >= 400 and e.content_type != "application/json":
             return error_response(e.status, e.reason, e.reason.lower().replace(" ", "_"))
         raise
+    except Exception:  # a bug: still answer in OpenAI's format, and log it
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "internal server error (see the server log)", "internal_error")
 
 
 class SSEWriter:

@@ -41,7 +41,7 @@ async def single(url: str, prompt) -> list[int]:
 
 async def tokenize(url: str, prompt: str) -> list[int]:
     """Token ids of a text prompt, as the engine sees them (echo of prompt via match is not enough)."""
-    from microserve.engine.tokenizer import Tokenizer
+    from microserve.tokenizer import Tokenizer
     return Tokenizer(STORIES).encode(prompt)
 
 

@@ -22,7 +22,7 @@ from microserve.engine.request import Request, RequestOutput, Status
 from microserve.engine.runner import ModelRunner
 from microserve.engine.sampling import SamplingParams, sample
 from microserve.engine.scheduler import Scheduler
-from microserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from microserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from microserve.errors import ServeError
 from microserve.kv.cache import KVCache, SendWindow
 from microserve.kv.pool import KVPool

@@ -13,7 +13,7 @@ import zlib
 import torch
 
 from microserve.attention.base import get_backend
-from microserve.config import ModelConfig
+from microserve.config import ModelConfig, resolve_model_path  # noqa: F401 (re-exported)
 from microserve.model.layers import RotaryEmbedding
 from microserve.model.llama import LlamaForCausalLM
 
@@ -21,22 +21,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def resolve_model_path(model: str) -> str:
-    """A local directory as is; `embedded` to the built-in tiny model; anything else as a hub id."""
-    if model == "embedded":
-        from microserve.model.embedded import embedded_model_dir
-        return embedded_model_dir()
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model):
-        raise ValueError(f"model path {model!r} is not a directory with config.json")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-    except Exception as e:  # offline, unknown id, gated...
-        raise ValueError(f"model {model!r} is neither a local directory nor a reachable hub id: {e}") from e
 
 
 def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:

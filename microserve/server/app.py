@@ -40,6 +40,7 @@ def build_app(engine: Engine, debug_api: bool = False) -> web.Application:
         a = engine.cache.accounting()
         return web.json_response({"status": "ok", "model": engine.model_name, "transport": engine.transport.name,
                                   "running": len(engine.scheduler.running), "waiting": len(engine.scheduler.waiting),
+                                  "max_model_len": engine.max_model_len, "kv_sent_bytes": engine.stats.kv_sent_bytes,
                                   "kv": a})
 
     async def metrics(request: web.Request) -> web.Response:

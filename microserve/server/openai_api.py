@@ -12,7 +12,7 @@ from aiohttp import web
 
 from microserve.engine.request import RequestOutput
 from microserve.engine.sampling import SamplingParams
-from microserve.engine.tokenizer import NoChatTemplate
+from microserve.tokenizer import NoChatTemplate
 from microserve.protocol import (ChatCompletionRequest, CompletionRequest, SamplingFields, completion_chunk,
                                  completion_response, new_id, usage_chunk, usage_dict)
 from microserve.web import HTTPError, SSEWriter, parse_body

@@ -1,0 +1,1 @@
+"""The inference engine: requests, scheduler, model runner, sampler, and the async driver."""
