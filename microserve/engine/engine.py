@@ -93,10 +93,7 @@ class Engine:
             raise RequestError("the prompt is empty", param="prompt")
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", param="prompt")
-        try:
-            params.validate()
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        params.validate()
         if len(prompt_ids) >= self.max_model_len:
             raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
                                f"{self.max_model_len} tokens, and at least one must be left to generate",

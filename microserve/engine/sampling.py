@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from microserve.errors import ServeError
+
 
 @dataclass
 class SamplingParams:
@@ -22,14 +24,12 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
-        if self.top_k < -1:
-            raise ValueError("top_k must be -1 (off) or a positive integer")
+        for bad, message, param in ((self.max_tokens < 1, "max_tokens must be at least 1", "max_tokens"),
+                                    (self.temperature < 0, "temperature must be >= 0", "temperature"),
+                                    (not 0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p"),
+                                    (self.top_k < -1, "top_k must be -1 (off) or a positive integer", "top_k")):
+            if bad:
+                raise ServeError(message, param=param)
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:

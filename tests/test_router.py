@@ -1,0 +1,297 @@
+"""The router over real engine processes: every strategy token-identical to a single engine
+(non-streamed, streamed, through the openai client), reconfiguration under load, failures and
+recovery, bad input, and the launcher leaving nothing behind."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+
+from conftest import ROOT, STORIES, kv_accounting
+from microserve.launch import free_port, spawn, stop, wait_healthy
+from microserve.tokenizer import Tokenizer
+
+TOKEN = "test-admin-token"
+STRATEGIES = ["round_robin", "least_loaded", "cache_aware", "pd", "balanced_pd", "pd:balance=0.3", "cache_aware_pd",
+              "cache_aware_pd:bypass_tokens=0", "migration:min_tokens=16,imbalance=0", "adaptive:short_prompt=20",
+              "examples.shortest_first_pd:LengthAwarePD"]
+TOK = Tokenizer(STORIES)
+STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day"
+PROMPTS = [STORY, STORY + " she saw a big red ball", STORY + " her mom said", "Tom and his dog", "The sun"]
+MAX_TOKENS = 20
+
+
+def greedy(prompt, **kw) -> dict:
+    return {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "return_token_ids": True, **kw}
+
+
+async def complete(url: str, body: dict) -> tuple[int, dict]:
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=60)) as r:
+            return r.status, await r.json()
+
+
+async def stream(url: str, body: dict) -> tuple[list[int], str, dict | None]:
+    ids, text, err = [], "", None
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url + "/v1/completions", json={**body, "stream": True},
+                          timeout=aiohttp.ClientTimeout(total=60)) as r:
+            assert r.status == 200, await r.text()
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        err = chunk["error"]
+                    elif chunk["choices"]:
+                        ids += chunk["choices"][0].get("token_ids", [])
+                        text += chunk["choices"][0]["text"]
+    return ids, text, err
+
+
+async def admin(url: str, path: str, body: dict | None = None, token: str = TOKEN) -> tuple[int, dict]:
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as s:
+        method = s.post if body is not None else s.get
+        async with method(url + path, json=body) as r:
+            return r.status, await r.json()
+
+
+class Cluster:
+    def __init__(self, tmp, roles=("prefill", "decode", "decode"), engine_args=()):
+        self.tmp, self.engine_args = tmp, list(engine_args)
+        self.ports = [free_port() for _ in roles]
+        self.roles = list(roles)
+        self.engines = [self._engine(i) for i in range(len(roles))]
+        self.ref = spawn("ref", ["engine", "--model", STORIES, "--debug-api", "--page-size", "4"], free_port(),
+                         str(tmp / "ref.log"))
+        wait_healthy(self.engines + [self.ref], 90)
+        args = ["router", "--model", STORIES, "--admin-token", TOKEN, "--timeout-s", "10", "--strategy", "least_loaded"]
+        for p, role in zip(self.engines, self.roles):
+            args += [f"--{'engine' if role == 'both' else role}", p.url]
+        self.router = spawn("router", args, free_port(), str(tmp / "router.log"),
+                            env={"PYTHONPATH": str(ROOT)})
+        wait_healthy([self.router], 30)
+        self.url = self.router.url
+
+    def _engine(self, i: int):
+        return spawn(f"engine{i}", ["engine", "--model", STORIES, "--debug-api", "--page-size", "4",
+                                    "--recv-lease-s", "10", *self.engine_args], self.ports[i],
+                     str(self.tmp / f"engine{i}.log"))
+
+    def restart(self, i: int):
+        self.engines[i] = self._engine(i)
+        wait_healthy([self.engines[i]], 90)
+
+    def stop(self):
+        stop(self.engines + [self.ref, self.router])
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(cluster):
+    async def go():
+        return [(await complete(cluster.ref.url, greedy(p)))[1]["choices"][0] for p in PROMPTS]
+    return asyncio.run(go())
+
+
+def assert_engines_clean(urls):
+    for url in urls:
+        deadline = time.monotonic() + 5
+        while True:
+            a = kv_accounting(url)
+            if (a["owned"], a["parked"], a["live_seqs"]) == (0, 0, 0) and a["free"] + a["cached"] == a["total"]:
+                break
+            assert time.monotonic() < deadline, (url, a)
+            time.sleep(0.05)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_strategy_token_identical(cluster, reference, strategy):
+    async def go():
+        st, r = await admin(cluster.url, "/admin/strategy", {"strategy": strategy})
+        assert st == 200, r
+        for _ in range(2):  # the second round hits prefix caches (and, for migration, moves contexts)
+            outs = await asyncio.gather(*(complete(cluster.url, greedy(p)) for p in PROMPTS))
+            for (st, r), ref in zip(outs, reference):
+                assert st == 200, r
+                assert r["choices"][0]["token_ids"] == ref["token_ids"], strategy
+                assert r["choices"][0]["text"] == ref["text"]
+                assert r["usage"]["completion_tokens"] == len(ref["token_ids"])
+            for p, ref in zip(PROMPTS[:2], reference):
+                ids, text, err = await stream(cluster.url, greedy(p))
+                assert err is None and ids == ref["token_ids"] and text == ref["text"]
+    asyncio.run(go())
+    assert_engines_clean([e.url for e in cluster.engines])
+
+
+def test_openai_client_and_chat_errors(cluster, reference):
+    import openai
+    client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="none")
+    asyncio.run(admin(cluster.url, "/admin/strategy", {"strategy": "pd"}))
+    r = client.completions.create(model=STORIES, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].text == reference[0]["text"] and r.usage.completion_tokens == len(reference[0]["token_ids"])
+    text = "".join(c.choices[0].text for c in client.completions.create(
+        model=STORIES, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+    assert text == reference[0]["text"]
+    with pytest.raises(openai.BadRequestError, match="chat template"):
+        client.chat.completions.create(model=STORIES, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    models = client.models.list()
+    assert models.data[0].id == STORIES
+
+
+def test_bad_input(cluster):
+    async def go():
+        st, r = await complete(cluster.url, greedy("hi", temperature=-1))
+        assert st == 400 and r["error"]["param"] == "temperature"
+        st, r = await complete(cluster.url, greedy("hi", top_p=2))
+        assert st == 400
+        st, r = await complete(cluster.url, greedy("hi", model="unknown-model"))
+        assert st == 404 and r["error"]["code"] == "model_not_found"
+        st, r = await complete(cluster.url, greedy("hi", max_tokens=100000))
+        assert st == 400 and "context" in r["error"]["message"]
+        async with aiohttp.ClientSession() as s:
+            async with s.post(cluster.url + "/v1/completions", data=b"{not json") as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_json"
+        st, r = await admin(cluster.url, "/admin/strategy", {"strategy": "no_such_strategy"})
+        assert st == 400 and r["error"]["code"] == "unknown_strategy"
+        st, r = await admin(cluster.url, "/admin/strategy", {"name": "pd", "params": {"nope": 1}})
+        assert st == 400 and "no parameter" in r["error"]["message"]
+        st, r = await admin(cluster.url, "/admin/strategy", {"strategy": "pd"}, token="wrong")
+        assert st == 401
+        st, r = await admin(cluster.url, "/admin/state", token="wrong")
+        assert st == 401
+        st, r = await admin(cluster.url, "/admin/engines", {"url": "http://127.0.0.1:1", "role": "boss"})
+        assert st == 400 and r["error"]["param"] == "role"
+    asyncio.run(go())
+    assert_engines_clean([e.url for e in cluster.engines])
+
+
+def test_reconfigure_under_load(cluster, reference):
+    async def go():
+        await admin(cluster.url, "/admin/strategy", {"strategy": "dp"})
+        jobs = [asyncio.create_task(complete(cluster.url, greedy(PROMPTS[i % len(PROMPTS)]))) for i in range(30)]
+        for spec in ("pd", "balanced_pd:balance=0.2", "cache_aware"):
+            await asyncio.sleep(0.15)
+            st, r = await admin(cluster.url, "/admin/strategy", {"strategy": spec})
+            assert st == 200 and r["strategy"] == spec
+            jobs += [asyncio.create_task(complete(cluster.url, greedy(PROMPTS[i % len(PROMPTS)]))) for i in range(10)]
+        for i, (st, r) in enumerate(await asyncio.gather(*jobs)):
+            assert st == 200, r
+            assert r["choices"][0]["token_ids"] == reference[(i if i < 30 else (i - 30) % 10) % len(PROMPTS)]["token_ids"]
+    asyncio.run(go())
+    assert_engines_clean([e.url for e in cluster.engines])
+
+
+def test_engines_admin_add_drain_remove(cluster, reference):
+    async def go():
+        await admin(cluster.url, "/admin/strategy", {"strategy": "round_robin"})
+        url = cluster.engines[2].url
+        st, r = await admin(cluster.url, "/admin/engines/drain", {"url": url})
+        assert st == 200 and [e for e in r["engines"] if e["url"] == url][0]["draining"]
+        st, r = await admin(cluster.url, "/admin/engines/remove", {"url": url})
+        assert st == 200 and url not in [e["url"] for e in r["engines"]]
+        for p, ref in zip(PROMPTS, reference):
+            assert (await complete(cluster.url, greedy(p)))[1]["choices"][0]["token_ids"] == ref["token_ids"]
+        st, r = await admin(cluster.url, "/admin/engines", {"url": url, "role": "decode"})
+        assert st == 200 and url in [e["url"] for e in r["engines"]]
+        st, r = await admin(cluster.url, "/admin/engines", {"url": url, "role": "decode"})
+        assert st == 409
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("victim", [1, 0], ids=["kill-decode", "kill-prefill"])
+def test_engine_killed_mid_request(tmp_path, victim):
+    """Kill an engine while PD requests run: each affected request ends (retry or clear error)
+    within the timeout; survivors hold no pages or reservations; the restarted engine rejoins."""
+    c = Cluster(tmp_path, roles=("prefill", "decode"))
+    try:
+        async def go():
+            await admin(c.url, "/admin/strategy", {"strategy": "pd"})
+            body = {"prompt": STORY, "max_tokens": 400, "temperature": 0, "ignore_eos": True}
+            jobs = [asyncio.create_task(stream(c.url, body)) for _ in range(4)]
+            jobs += [asyncio.create_task(complete(c.url, body)) for _ in range(4)]
+            await asyncio.sleep(0.5)
+            os.killpg(c.engines[victim].popen.pid, signal.SIGKILL)
+            t0 = time.monotonic()
+            results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
+            assert time.monotonic() - t0 < 30
+            for r in results:
+                assert not isinstance(r, BaseException), r
+                if isinstance(r[0], int):  # non-streamed: a completion (retried) or a clear 5xx error
+                    st, b = r
+                    assert st == 200 or (st >= 500 and "unavailable" in b["error"]["message"]), b
+                else:  # streamed: complete, or an in-band error naming the failed engine
+                    ids, text, err = r
+                    assert err is None or "unavailable" in err["message"] or "engine" in err["message"], err
+            survivor = c.engines[1 - victim]
+            assert_engines_clean([survivor.url])
+            # requests still work on the survivor while the victim is down
+            st, r = await complete(c.url, greedy(PROMPTS[3]))
+            assert st == 200, r
+            c.restart(victim)
+            deadline = time.monotonic() + 15
+            while True:
+                st, s = await admin(c.url, "/admin/state")
+                if all(e["healthy"] for e in s["engines"]):
+                    break
+                assert time.monotonic() < deadline, s
+                await asyncio.sleep(0.3)
+            st, r = await complete(c.url, greedy(PROMPTS[4]))
+            assert st == 200
+            assert_engines_clean([e.url for e in c.engines])
+        asyncio.run(go())
+    finally:
+        c.stop()
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_up_then_sigterm_leaves_nothing(tmp_path):
+    before = set(os.listdir("/dev/shm"))
+    port = free_port()
+    p = subprocess.Popen([sys.executable, "-m", "microserve.cli", "up", "--model", STORIES, "--engines", "2",
+                          "--strategy", "pd", "--port", str(port), "--log-dir", str(tmp_path)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("admin token"):
+                break
+        engine_ports = [int(l.split()[1].rsplit(":", 1)[1]) for l in lines if l.startswith("engine ")]
+        assert len(engine_ports) == 2, lines
+        children = _children(p.pid)
+        assert len(children) == 2
+        st, r = asyncio.run(complete(f"http://127.0.0.1:{port}", greedy("Once upon a time")))
+        assert st == 200 and r["choices"][0]["text"]
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.wait(30)
+    assert p.returncode == 0
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    for port_ in engine_ports + [port]:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port_}/health", timeout=1)
+            raise AssertionError(f"port {port_} still answers")
+        except OSError:
+            pass
+    assert set(os.listdir("/dev/shm")) - before == set()
