@@ -14,8 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Callable
 
 from microserve.engine.engine import Engine, RequestError
-from microserve.transfer.base import TransferError
 from microserve.engine.request import RequestOutput
+from microserve.transfer.base import TransferError
 from microserve.engine.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -64,9 +64,7 @@ class AsyncEngine:
         self._streams[rid] = q
         finished = False
         try:
-            req = await self.call(submit, *args)
-            rid = req.rid
-            self._streams[rid] = q
+            await self.call(submit, *args)
             while True:
                 out = await q.get()
                 finished = out.finished
@@ -114,7 +112,7 @@ class AsyncEngine:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception:
                 log.error("engine step failed; aborting its requests:\n%s", traceback.format_exc())
-                outputs = self._fail_all("internal engine error (see the engine log)")
+                outputs = self.engine.fail_all("internal engine error (see the engine log)")
             finally:
                 self._stepping = False
                 self._idle.set()
@@ -126,10 +124,3 @@ class AsyncEngine:
                 if q is not None:
                     q.put_nowait(out)
             await asyncio.sleep(0)  # let handlers run between steps
-
-    def _fail_all(self, message: str) -> list[RequestOutput]:
-        outs = []
-        for req in list(self.engine.requests.values()):
-            req.error = message
-            outs.append(self.engine._finish(req, "error"))
-        return outs

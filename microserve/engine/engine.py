@@ -305,6 +305,14 @@ class Engine:
             s.prefix_hit_tokens += req.num_cached_tokens
         return self._output(req, new_ids or [], text, True, reason)
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every request with an error (after a failed step: its state cannot be trusted)."""
+        outs = []
+        for req in list(self.requests.values()):
+            req.error = message
+            outs.append(self._finish(req, "error"))
+        return outs
+
     def close(self) -> None:
         self.transport.close()
 
