@@ -99,6 +99,16 @@ def test_split_patterns_token_identical(pair):
         assert g["choices"][0]["token_ids"] == ref
     run(go())
     assert_clean(P, D, S)
+    sent, received = metric(P, "microserve_kv_sent_bytes_total"), metric(D, "microserve_kv_received_bytes_total")
+    assert sent > 0 and received > 0 and metric(P, "microserve_kv_transfer_seconds_total") > 0
+    assert 0 <= metric(P, "microserve_kv_transfer_hidden_ratio") <= 1
+
+
+def metric(url: str, name: str) -> float:
+    import urllib.request
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ") or
+               line.startswith(name + "{"))
 
 
 def test_receiver_and_sender_prefix(pair):

@@ -137,6 +137,20 @@ def test_strategy_token_identical(cluster, reference, strategy):
     assert_engines_clean([e.url for e in cluster.engines])
 
 
+def test_router_metrics(cluster):
+    asyncio.run(admin(cluster.url, "/admin/strategy", {"strategy": "pd"}))
+    assert asyncio.run(complete(cluster.url, greedy(PROMPTS[1])))[0] == 200
+    time.sleep(1.5)  # KV bytes come from the engines' counters, read by the router's health checks
+    text = urllib.request.urlopen(cluster.url + "/metrics").read().decode()
+    for needle in ('microserve_router_requests_total{outcome="ok",strategy="pd"}',
+                   'microserve_router_time_to_first_token_seconds_count{strategy="pd"}',
+                   'microserve_router_job_completion_seconds_count{strategy="pd"}',
+                   'microserve_router_subrequest_seconds_count{call="remote_send"'):
+        assert needle in text, needle
+    moved = [l for l in text.splitlines() if l.startswith("microserve_router_kv_bytes_moved_total ")]
+    assert moved and float(moved[0].split()[-1]) > 0
+
+
 def test_openai_client_and_chat_errors(cluster, reference):
     import openai
     client = openai.OpenAI(base_url=cluster.url + "/v1", api_key="none")
