@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator  # noqa: F401
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from microserve.errors import ServeError
 
 
 class StreamOptions(BaseModel):
@@ -53,13 +55,20 @@ class CompletionRequest(SamplingFields):
     max_tokens: int | None = 16
     echo: bool = False
 
-    def single_prompt(self) -> str | list[int]:
+    def prompt_ids(self, tokenizer) -> list[int]:
+        """The prompt as token ids: given as ids, or text encoded with `tokenizer` (None: ids only)."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
-                raise ValueError("only one prompt per request is supported")
+                raise ServeError("only one prompt per request is supported", param="prompt")
             p = p[0]
-        return p
+        if isinstance(p, list):
+            return p
+        if not p:
+            raise ServeError("the prompt is empty", param="prompt")
+        if tokenizer is None:
+            raise ServeError("no tokenizer here: give the prompt as token ids", param="prompt")
+        return tokenizer.encode(p)
 
 
 class ChatMessage(BaseModel):

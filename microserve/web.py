@@ -2,8 +2,10 @@
 models, OpenAI-style error responses, and server-sent events."""
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import signal
 from typing import TypeVar
 
 from aiohttp import web
@@ -74,6 +76,16 @@ class SSEWriter:
         await self.resp.write(b"data: [DONE]\n\n")
         await self.resp.write_eof()
         return self.resp
+
+
+async def serve_until_signal(runner: web.AppRunner) -> None:
+    """Block until SIGINT or SIGTERM, then stop serving cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
 
 
 async def run_app(app: web.Application, host: str, port: int) -> web.AppRunner:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from microserve.config import EngineConfig, ModelConfig
+from microserve.config import EngineConfig, ModelConfig, resolve_model_path
 from microserve.engine.request import Request, RequestOutput, Status
 from microserve.engine.runner import ModelRunner
 from microserve.engine.sampling import SamplingParams, sample
@@ -26,7 +25,7 @@ from microserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from microserve.errors import ServeError
 from microserve.kv.cache import KVCache, SendWindow
 from microserve.kv.pool import KVPool
-from microserve.model.loader import load_model, resolve_dtype, resolve_model_path
+from microserve.model.loader import load_model, resolve_dtype
 from microserve.transfer.base import TransferError, decode_kv_addr, encode_kv_addr, make_transport
 
 log = logging.getLogger(__name__)

@@ -54,14 +54,15 @@ class ModelRunner:
             seq_lens=self._tensor(slens, torch.int32),
             block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
             query_lens_cpu=qlens, seq_lens_cpu=slens, num_decodes=num_decodes, page_size=ps)
-        hook = None
-        if sends:
-            def hook(layer: int) -> None:
-                for src, dst, remote in sends:
-                    self.transport.write(layer, src, dst, remote)
-        ctx = ForwardContext(meta=meta, kv=self.pool.kv, layer_hook=hook)
+        ctx = ForwardContext(meta=meta, kv=self.pool.kv, layer_hook=self._send_hook(sends) if sends else None)
         logits = self.model(self._tensor(ids), self._tensor(pos), ctx, self._tensor(sample_rows))
         return (logits if sample_rows else None), sample_reqs, bool(sends)
+
+    def _send_hook(self, sends: list[tuple[list[int], list[int], object]]):
+        def hook(layer: int) -> None:
+            for src, dst, remote in sends:
+                self.transport.write(layer, src, dst, remote)
+        return hook
 
     def send_cached(self, req: Request, upto: int) -> bool:
         """Send window positions that are already in KV (a prefix hit on the sender), page to page,

@@ -1,11 +1,14 @@
 """Sampling parameters and the sampler: greedy, temperature, top-k, top-p, per-request seeds."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from microserve.errors import ServeError
+
+GREEDY_EPS = 1e-5
 
 
 @dataclass
@@ -21,13 +24,17 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # As vLLM: a temperature this small is argmax anyway, and dividing logits by it overflows to inf
+        return self.temperature < GREEDY_EPS
 
     def validate(self) -> None:
         for bad, message, param in ((self.max_tokens < 1, "max_tokens must be at least 1", "max_tokens"),
-                                    (self.temperature < 0, "temperature must be >= 0", "temperature"),
+                                    (not 0 <= self.temperature < math.inf, "temperature must be a finite number >= 0",
+                                     "temperature"),
                                     (not 0 < self.top_p <= 1, "top_p must be in (0, 1]", "top_p"),
-                                    (self.top_k < -1, "top_k must be -1 (off) or a positive integer", "top_k")):
+                                    (self.top_k < -1, "top_k must be -1 (off) or a positive integer", "top_k"),
+                                    (self.seed is not None and not -2**63 <= self.seed < 2**64,
+                                     "seed must fit in 64 bits", "seed")):
             if bad:
                 raise ServeError(message, param=param)
 

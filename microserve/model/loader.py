@@ -13,7 +13,7 @@ import zlib
 import torch
 
 from microserve.attention.base import get_backend
-from microserve.config import ModelConfig, resolve_model_path  # noqa: F401 (re-exported)
+from microserve.config import ModelConfig
 from microserve.model.layers import RotaryEmbedding
 from microserve.model.llama import LlamaForCausalLM
 

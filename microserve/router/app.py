@@ -107,19 +107,6 @@ class RouterService:
             e.healthy, e.last_error = False, f"health check failed: {type(err).__name__}"
 
     # ---- requests ------------------------------------------------------------------------------
-    def tokenize(self, body: CompletionRequest) -> list[int]:
-        try:
-            prompt = body.single_prompt()
-        except ValueError as e:
-            raise HTTPError(400, str(e), "invalid_request", "prompt") from None
-        if isinstance(prompt, list):
-            return prompt
-        if self.tokenizer is None:
-            raise HTTPError(400, "the router has no tokenizer: give the prompt as token ids", "invalid_request", "prompt")
-        if not prompt:
-            raise HTTPError(400, "the prompt is empty", "invalid_request", "prompt")
-        return self.tokenizer.encode(prompt)
-
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise HTTPError(404, f"the model {model!r} does not exist; this router serves {self.model_name!r}",
@@ -177,7 +164,7 @@ def build_router_app(svc: RouterService) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, CompletionRequest)
         svc.check_model(body.model)
-        return await serve(request, body, svc.tokenize(body), chat=False)
+        return await serve(request, body, body.prompt_ids(svc.tokenizer), chat=False)
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, ChatCompletionRequest)

@@ -6,7 +6,6 @@ import asyncio
 import logging
 import os
 import secrets
-import signal
 import time
 
 from microserve.config import resolve_model_path
@@ -14,7 +13,7 @@ from microserve.launch import Proc, free_port, spawn, stop, wait_healthy
 from microserve.router.app import RouterService, build_router_app
 from microserve.router.strategies import parse_spec
 from microserve.tokenizer import Tokenizer
-from microserve.web import run_app
+from microserve.web import run_app, serve_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +40,7 @@ async def start_router(engines: list[tuple[str, str]], strategy: str, model: str
 
 async def run_router(*args, **kw) -> None:
     """start_router, then serve until SIGINT or SIGTERM."""
-    runner = await start_router(*args, **kw)
-    stop_event = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop_event.set)
-    await stop_event.wait()
-    await runner.cleanup()
+    await serve_until_signal(await start_router(*args, **kw))
 
 
 def engine_roles(n: int, strategy: str, prefill: int | None) -> list[str]:

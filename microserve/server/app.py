@@ -1,9 +1,7 @@
 """The engine server: one AsyncEngine behind the OpenAI and microserving APIs, /health and /metrics."""
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 import time
 from dataclasses import dataclass
 
@@ -16,7 +14,7 @@ from microserve.engine.engine import Engine
 from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import MicroservingAPI
 from microserve.server.openai_api import OpenAIAPI
-from microserve.web import error_middleware, run_app
+from microserve.web import error_middleware, run_app, serve_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +72,4 @@ async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = Fa
              "http://%s:%d", time.perf_counter() - t0, engine.model_name, engine.model_config.architecture,
              str(engine.dtype).removeprefix("torch."), engine.device, a["total"], engine.pool.page_size,
              engine.transport.name, host, port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signal(runner)

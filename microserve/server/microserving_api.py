@@ -37,7 +37,7 @@ class MicroservingAPI:
         for f in ("user",) + fields:
             if getattr(body, f) is None:
                 raise HTTPError(400, f"{request.path} needs the field {f!r}", "invalid_request", f)
-        return body, self.openai.prompt_ids(body)
+        return body, body.prompt_ids(self.s.engine.tokenizer)
 
     async def _engine(self, fn, *args):
         return await self.s.aengine.call(fn, *args)
@@ -69,5 +69,5 @@ class MicroservingAPI:
 
     async def match(self, request: web.Request) -> web.Response:
         body = await parse_body(request, MicroservingRequest)
-        ids = self.openai.prompt_ids(body)
+        ids = body.prompt_ids(self.s.engine.tokenizer)
         return web.json_response({"prefix_matched_length": await self._engine(self.s.engine.match, ids)})

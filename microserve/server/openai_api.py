@@ -37,24 +37,10 @@ class OpenAIAPI:
             raise HTTPError(404, f"the model {model!r} does not exist; this engine serves "
                                  f"{self.s.engine.model_name!r}", "model_not_found", "model")
 
-    def prompt_ids(self, body: CompletionRequest) -> list[int]:
-        try:
-            prompt = body.single_prompt()
-        except ValueError as e:
-            raise HTTPError(400, str(e), "invalid_request", "prompt") from None
-        if isinstance(prompt, str):
-            if not prompt:
-                raise HTTPError(400, "the prompt is empty", "invalid_request", "prompt")
-            if self.s.engine.tokenizer is None:
-                raise HTTPError(400, "this model has no tokenizer: give the prompt as token ids", "invalid_request",
-                                "prompt")
-            return self.s.engine.tokenizer.encode(prompt)
-        return list(prompt)
-
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, CompletionRequest)
         self.check_model(body.model)
-        ids = self.prompt_ids(body)
+        ids = body.prompt_ids(self.s.engine.tokenizer)
         rid = new_id("cmpl")
         stream = self.s.aengine.generate(rid, ids, sampling_params(body, body.max_tokens))
         return await respond(request, self.s, rid, body, stream, chat=False)
