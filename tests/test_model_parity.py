@@ -21,8 +21,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "lo
 
 VARIANTS = {
     "llama": ("llama", {}),
-    "llama3-rope-tied": ("llama", {"rope_parameters": LLAMA3_ROPE, "tie_word_embeddings": True,
-                         "initializer_range": 0.2}),
+    # larger weights, so that positions (and the rescaled long wavelengths) move the logits a lot
+    "llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE, "initializer_range": 0.2}),
+    # with 0.02-scale weights a tied model only ever repeats its input token
+    "tied": ("llama", {"tie_word_embeddings": True, "initializer_range": 0.2}),
     # head_dim * heads != hidden_size, and more KV heads per group
     "mistral": ("mistral", {"head_dim": 32, "num_key_value_heads": 1, "sliding_window": None}),
     "qwen2": ("qwen2", {"num_key_value_heads": 4}),
@@ -94,12 +96,12 @@ def test_engine_config_matches_checkpoint(variant):
     name, hf, engine = variant
     mc, hc = engine.model_config, hf.config
     assert mc.head_dim == getattr(hc, "head_dim", hc.hidden_size // hc.num_attention_heads)
-    assert mc.tie_word_embeddings == bool(hc.tie_word_embeddings)
+    assert mc.tie_word_embeddings == (name == "tied") == bool(hc.tie_word_embeddings)
+    assert (engine.model.lm_head.weight is engine.model.embed_tokens.weight) == (name == "tied")
     assert mc.qkv_bias == (name == "qwen2")
-    assert (mc.rope_scaling is not None) == (name == "llama3-rope-tied")
-    if name == "llama3-rope-tied":
-        assert mc.rope_theta == 500000.0
-        assert engine.model.lm_head.weight is engine.model.embed_tokens.weight
+    assert (mc.rope_scaling is not None) == (name == "llama3-rope")
+    if name == "llama3-rope":
+        assert mc.rope_theta == 500000.0 and mc.rope_scaling["factor"] == 8.0
 
 
 @pytest.mark.parametrize("n", [1, 7, 40])
