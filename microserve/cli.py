@@ -27,8 +27,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("KV cache and scheduling")
     g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default: %(default)s)")
     g.add_argument("--kv-cache-memory-mb", type=int, default=256,
-                   help="memory for the paged KV pool, in MiB (default: %(default)s)")
-    g.add_argument("--num-pages", type=int, default=None, help="KV pages in the pool; overrides --kv-cache-memory-mb")
+                   help="memory for the paged KV pool on CPU, in MiB (default: %(default)s)")
+    g.add_argument("--num-pages", type=int, default=None,
+                   help="KV pages in the pool; overrides --kv-cache-memory-mb and --gpu-memory-utilization")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="on CUDA: share of GPU memory for weights, activations and KV; KV gets what a measured "
+                        "warm-up leaves (default: %(default)s)")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
@@ -40,9 +44,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     g.add_argument("--cpu-affinity", default=None, help="pin the engine to these CPU cores, e.g. '0' or '2,3'")
     g = p.add_argument_group("microserving")
-    g.add_argument("--kv-transport", default="shm", choices=["shm", "nixl", "none"],
-                   help="how KV reaches other engines: shm (shared memory, one host), nixl (UCX, across hosts) "
-                        "(default: %(default)s)")
+    g.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "nixl", "cuda_ipc", "none"],
+                   help="how KV reaches other engines: shm (shared host memory, one host), cuda_ipc (GPU memory "
+                        "by CUDA IPC handle, one host), nixl (UCX, across hosts); auto = shm on CPU, cuda_ipc on "
+                        "CUDA (default: %(default)s)")
     g.add_argument("--recv-lease-s", type=float, default=60.0,
                    help="seconds a prep_recv reservation is kept without start_generate, commit or abort "
                         "(default: %(default)s)")
@@ -54,7 +59,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=a.model, served_model_name=a.served_model_name, load_format=a.load_format, dtype=a.dtype,
         device=a.device, seed=a.seed, page_size=a.page_size, num_pages=a.num_pages,
-        kv_cache_memory_mb=a.kv_cache_memory_mb, max_model_len=a.max_model_len,
+        kv_cache_memory_mb=a.kv_cache_memory_mb, gpu_memory_utilization=a.gpu_memory_utilization,
+        max_model_len=a.max_model_len,
         max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend,
         kv_transport=a.kv_transport, recv_lease_s=a.recv_lease_s, transfer_timeout_s=a.transfer_timeout_s,

@@ -100,14 +100,15 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 0
     page_size: int = 16
-    num_pages: int | None = None  # None: sized from kv_cache_memory_mb
+    num_pages: int | None = None  # None: from gpu_memory_utilization on CUDA, kv_cache_memory_mb on CPU
     kv_cache_memory_mb: int = 256
     max_model_len: int | None = None
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | torch | triton
-    kv_transport: str = "shm"  # shm | nixl | none
+    gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + activations + KV
+    kv_transport: str = "auto"  # auto (shm on CPU, cuda_ipc on CUDA) | shm | nixl | cuda_ipc | none
     recv_lease_s: float = 60.0
     transfer_timeout_s: float = 30.0
     num_threads: int | None = None

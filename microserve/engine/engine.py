@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from microserve.attention.base import AttentionMetadata, ForwardContext
 from microserve.config import EngineConfig, ModelConfig, resolve_model_path
 from microserve.engine.request import Request, RequestOutput, Status
 from microserve.engine.runner import ModelRunner
@@ -72,9 +73,22 @@ class Engine:
         self.eos_ids = set(mc.eos_token_ids)
 
         page_bytes = mc.num_layers * 2 * c.page_size * mc.num_kv_heads * mc.head_dim * self.dtype.itemsize
-        num_pages = c.num_pages or max(c.kv_cache_memory_mb * 2**20 // page_bytes, 1)
+        # On CUDA the warm-up is the profiling run (a full token budget); on CPU a short one will do.
+        warm_tokens = c.max_num_batched_tokens if self.device.type == "cuda" else 256
+        peak = self.warmup(min(warm_tokens, c.max_num_batched_tokens, mc.max_position_embeddings))
+        if c.num_pages:
+            num_pages = c.num_pages
+        elif self.device.type == "cuda":  # what the measured peak leaves of the allowed share
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            num_pages = int((total * c.gpu_memory_utilization - peak) // page_bytes)
+            if num_pages < 1:
+                raise ValueError(f"--gpu-memory-utilization {c.gpu_memory_utilization} leaves no room for KV "
+                                 f"(weights + activations peak at {peak / 2**30:.1f} GiB)")
+        else:
+            num_pages = max(c.kv_cache_memory_mb * 2**20 // page_bytes, 1)
         shape = (mc.num_layers, 2, num_pages, c.page_size, mc.num_kv_heads, mc.head_dim)
-        self.transport = make_transport(c.kv_transport)
+        transport = c.kv_transport if c.kv_transport != "auto" else "cuda_ipc" if self.device.type == "cuda" else "shm"
+        self.transport = make_transport(transport)
         self.pool = KVPool(self.transport.allocate(shape, self.dtype, self.device))
         self.cache = KVCache(self.pool, c.enable_prefix_caching, c.recv_lease_s)
         self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
@@ -85,6 +99,31 @@ class Engine:
         self.stats = EngineStats()
         self._sent_since_flush = False
         self.layout = [mc.num_layers, mc.num_kv_heads, mc.head_dim, c.page_size, str(self.dtype).removeprefix("torch.")]
+
+    def warmup(self, num_tokens: int) -> int:
+        """One forward over `num_tokens` tokens with a scratch KV pool: takes the slow first passes
+        out of the first request, and returns peak device memory (bytes; 0 on CPU) so the real
+        pool can be sized to what is left."""
+        mc, ps = self.model_config, self.config.page_size
+        pages = -(-num_tokens // ps)
+        scratch = torch.zeros(mc.num_layers, 2, pages, ps, mc.num_kv_heads, mc.head_dim, dtype=self.dtype,
+                              device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        on = dict(device=self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(num_tokens, **on), query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, **on),
+            seq_lens=torch.tensor([num_tokens], dtype=torch.int32, **on),
+            block_tables=torch.arange(pages, dtype=torch.int32, **on)[None], query_lens_cpu=[num_tokens],
+            seq_lens_cpu=[num_tokens], num_decodes=int(num_tokens == 1), page_size=ps)
+        ids = torch.randint(0, mc.vocab_size, (num_tokens,), generator=torch.Generator().manual_seed(0)).to(self.device)
+        self.model(ids, torch.arange(num_tokens, **on), ForwardContext(meta=meta, kv=scratch),
+                   torch.tensor([num_tokens - 1], **on))
+        if self.device.type != "cuda":
+            return 0
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
 
     # ---- plain generation ---------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:

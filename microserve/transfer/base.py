@@ -68,6 +68,26 @@ def slot_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
     return [tuple(r) for r in runs]
 
 
+def process_start_time(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot): tells a live peer from a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+class ProcessPeer:
+    """A receiver's pool mapped into this process, from a peer on this host (shm, cuda_ipc)."""
+
+    def __init__(self, desc: dict, kv: torch.Tensor) -> None:
+        self.desc, self.kv = desc, kv
+        self.pid, self.start = desc["pid"], desc["start"]
+
+    def alive(self) -> bool:
+        return process_start_time(self.pid) == self.start
+
+
 class KVTransport:
     """Contract:
     - `allocate(shape, dtype, device)` returns the engine's KV pool memory, reachable by peers.

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from microserve.transfer.base import KVTransport, TransferError, TransferStats, slot_runs
-from microserve.transfer.shm import _start_time
+from microserve.transfer.base import (KVTransport, ProcessPeer, TransferError, TransferStats, process_start_time,
+                                      slot_runs)
 
 # Few runs: copy each as a plain memcpy per kind (no index tensors). Many runs (short, scattered):
 # one gather and one scatter kernel, with index tensors uploaded once and reused by every layer.
@@ -60,17 +60,6 @@ def _device_by_uuid(uuid: str) -> int | None:
     return None
 
 
-class CudaIpcPeer:
-    """A receiver's pool mapped into this process."""
-
-    def __init__(self, desc: dict, kv: torch.Tensor) -> None:
-        self.desc, self.kv = desc, kv
-        self.pid, self.start = desc["pid"], desc["start"]
-
-    def alive(self) -> bool:
-        return _start_time(self.pid) == self.start
-
-
 @dataclass
 class _Pending:
     done: torch.cuda.Event  # on the stream that finishes the copy
@@ -88,11 +77,11 @@ class CudaIpcTransport(KVTransport):
         super().__init__()
         self._desc: dict | None = None
         self._dtype = ""
-        self._peers: dict[tuple, CudaIpcPeer] = {}
+        self._peers: dict[tuple, ProcessPeer] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._pending: list[_Pending] = []
         self._index: dict[tuple[int, int, int], tuple[Any, Any, torch.Tensor, torch.Tensor]] = {}
-        self._touched: set[CudaIpcPeer] = set()
+        self._touched: set[ProcessPeer] = set()
 
     # ---- receiver side ---------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -118,7 +107,7 @@ class CudaIpcTransport(KVTransport):
              ev_handle, ev_sync) = args
             pid = os.getpid()
             self._desc = {
-                "host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
+                "host": socket.gethostname(), "pid": pid, "start": process_start_time(pid),
                 "gpu_uuid": str(torch.cuda.get_device_properties(device).uuid),
                 "shape": list(size), "stride": list(stride), "offset": offset, "dtype": self._dtype,
                 "handle": _b64(handle), "size_bytes": size_bytes, "offset_bytes": offset_bytes,
@@ -128,7 +117,7 @@ class CudaIpcTransport(KVTransport):
         return self._desc
 
     # ---- sender side -----------------------------------------------------------------------------
-    def connect(self, peer: dict) -> CudaIpcPeer:
+    def connect(self, peer: dict) -> ProcessPeer:
         """Map the receiver's pool (once per receiver). TransferError 400 for a description we cannot
         use (malformed, another host, another layout), 502 if the receiver is gone or mapping fails."""
         try:
@@ -150,7 +139,7 @@ class CudaIpcTransport(KVTransport):
         ours = list(self.local.shape)
         if dtype != self._dtype or len(shape) != 6 or shape[:2] + shape[3:] != ours[:2] + ours[3:]:
             raise TransferError(f"receiver's KV layout {shape} {dtype} does not match ours {ours} {self._dtype}", 400)
-        p = CudaIpcPeer(peer, None)  # type: ignore[arg-type]
+        p = ProcessPeer(peer, None)  # type: ignore[arg-type]
         if not p.alive():
             raise TransferError("the receiving engine is not running", 502)
         if peer["pid"] == os.getpid():  # ourselves: CUDA cannot open a process's own IPC handle
@@ -190,7 +179,7 @@ class CudaIpcTransport(KVTransport):
             hit = self._index[key] = (src, dst, s, d)
         return hit[2], hit[3]
 
-    def write(self, layer: int, src: list[int], dst: list[int], remote: CudaIpcPeer) -> None:
+    def write(self, layer: int, src: list[int], dst: list[int], remote: ProcessPeer) -> None:
         """Start copying K/V rows `src` of our layer `layer` to rows `dst` of the same layer of
         `remote`, after everything already queued on the compute stream (the layer's store)."""
         if not src:

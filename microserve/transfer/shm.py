@@ -12,25 +12,8 @@ import uuid
 
 import torch
 
-from microserve.transfer.base import CopyWorker, KVTransport, TransferError, TransferStats, slot_runs
-
-
-def _start_time(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot): tells a live peer from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
-class ShmPeer:
-    def __init__(self, desc: dict, kv: torch.Tensor) -> None:
-        self.desc, self.kv = desc, kv
-        self.pid, self.start = desc["pid"], desc["start"]
-
-    def alive(self) -> bool:
-        return _start_time(self.pid) == self.start
+from microserve.transfer.base import (CopyWorker, KVTransport, ProcessPeer, TransferError, TransferStats,
+                                      process_start_time, slot_runs)
 
 
 class ShmTransport(KVTransport):
@@ -39,9 +22,9 @@ class ShmTransport(KVTransport):
     def __init__(self) -> None:
         super().__init__()
         self._fd: int | None = None
-        self._peers: dict[tuple, ShmPeer] = {}
+        self._peers: dict[tuple, ProcessPeer] = {}
         self._worker = CopyWorker("shm-kv-copy")
-        self._touched: set[ShmPeer] = set()
+        self._touched: set[ProcessPeer] = set()
 
     def allocate(self, shape, dtype, device) -> torch.Tensor:
         if torch.device(device).type != "cpu":
@@ -62,10 +45,10 @@ class ShmTransport(KVTransport):
 
     def describe(self) -> dict:
         pid = os.getpid()
-        return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid),
+        return {"host": socket.gethostname(), "pid": pid, "start": process_start_time(pid),
                 "path": f"/proc/{pid}/fd/{self._fd}", "shape": list(self.local.shape), "dtype": self._dtype}
 
-    def connect(self, peer: dict) -> ShmPeer:
+    def connect(self, peer: dict) -> ProcessPeer:
         try:
             key = (peer["host"], peer["pid"], peer["start"], peer["path"])
             shape, dtype = list(peer["shape"]), peer["dtype"]
@@ -86,13 +69,13 @@ class ShmTransport(KVTransport):
             kv = torch.from_file(peer["path"], shared=True, size=numel, dtype=self.local.dtype).view(shape)
         except (RuntimeError, OSError) as e:
             raise TransferError(f"cannot map the receiver's KV pool (is it alive?): {e}", 502) from None
-        p = ShmPeer(peer, kv)
+        p = ProcessPeer(peer, kv)
         if not p.alive():
             raise TransferError("the receiving engine is not running", 502)
         self._peers[key] = p
         return p
 
-    def write(self, layer: int, src: list[int], dst: list[int], remote: ShmPeer) -> None:
+    def write(self, layer: int, src: list[int], dst: list[int], remote: ProcessPeer) -> None:
         local = self.local[layer].flatten(1, 2)  # [2, slots, H, D]
         target = remote.kv[layer].flatten(1, 2)
         runs = slot_runs(src, dst)
