@@ -145,6 +145,8 @@ class Engine:
         if rid in self.requests:
             raise RequestError(f"request id {rid!r} is already running", 409, "conflict")
         req = Request(rid, list(prompt_ids), params, **kw)
+        if params.seed is not None and not params.greedy:
+            req.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tokenizer is not None and not req.send_only:
             req.detok = IncrementalDetokenizer(self.tokenizer, req.prompt_ids)
         return req

@@ -39,7 +39,7 @@ class Request:
     send_only: bool = False  # remote_send: compute KV, sample nothing
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix hit or received)
     arrival: float = field(default_factory=time.monotonic)
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # seeded sampling; on the engine's device
     detok: object | None = None  # engine.tokenizer.IncrementalDetokenizer
     text: str = ""  # output text so far (stop strings cut it)
     emitted: int = 0  # characters of `text` already streamed
@@ -47,8 +47,6 @@ class Request:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_ids)
-        if self.params.seed is not None and not self.params.greedy:
-            self.generator = torch.Generator().manual_seed(self.params.seed)
 
     @property
     def num_prompt(self) -> int:

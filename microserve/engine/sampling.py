@@ -42,8 +42,7 @@ class SamplingParams:
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> list[int]:
     """One token per row of `logits` ([B, V] fp32). Greedy rows take the argmax; sampled rows use
     their own generator when seeded, so a seed fixes the output whatever the batch around it."""
-    greedy = logits.argmax(dim=-1)
-    out = greedy.tolist()
+    out = logits.argmax(dim=-1)
     for i, p in enumerate(params):
         if p.greedy:
             continue
@@ -57,5 +56,5 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             drop = sorted_p.cumsum(0) - sorted_p > p.top_p  # keep the smallest set reaching top_p
             sorted_p[drop] = 0.0
             probs = torch.zeros_like(probs).scatter_(0, idx, sorted_p)
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
+        out[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return out.tolist()  # the step's only host sync
