@@ -150,6 +150,13 @@ def test_streaming_equals_non_streaming_with_usage(server):
     plain = run(stream(server, body))
     assert stream_text(plain) == whole["choices"][0]["text"]
     assert all(e["choices"] and "usage" not in e for e in plain)
+    # a stop string spanning tokens cuts both the same way, and is never streamed
+    cut = {**body, "stop": ["named Lily", "zzz"]}
+    st, r = run(post(server, cut))
+    assert st == 200 and r["choices"][0]["finish_reason"] == "stop"
+    assert r["choices"][0]["text"] == ", there was a little girl "
+    events = run(stream(server, cut))
+    assert stream_text(events) == r["choices"][0]["text"] and events[-1]["choices"][0]["finish_reason"] == "stop"
     wait_clean(server)
 
 
@@ -173,26 +180,33 @@ def test_prefix_cache_hit_is_reported(server):
 
 # ---- concurrency and disconnects ------------------------------------------------------------------
 def test_32_concurrent_streams_with_disconnects(server):
+    """32 clients at once, mixed lengths; 6 leave a stream after 3 chunks and 2 hang up on a
+    non-streaming request while it runs. Everyone else gets exactly what they would get alone."""
     rng = random.Random(7)
     cases = []
     for i in range(32):
-        leaves = i % 4 == 3  # 8 clients walk away after a few chunks
-        body = greedy(PROMPTS[i % len(PROMPTS)], 300 if leaves else rng.randint(2, 48), ignore_eos=leaves)
-        cases.append((body, leaves))
+        kind = "hangup" if i % 16 == 15 else "leave" if i % 4 == 3 else "complete"
+        body = greedy(PROMPTS[i % len(PROMPTS)], rng.randint(2, 48) if kind == "complete" else 480,
+                      ignore_eos=kind != "complete")
+        cases.append((body, kind))
     aborted_before = metric(server, "microserve_requests_total", '{finish_reason="abort"}')
 
     async def go():
         singles = {}
-        for i, (body, leaves) in enumerate(cases):
-            if not leaves:
+        for i, (body, kind) in enumerate(cases):
+            if kind == "complete":
                 st, r = await post(server, body)
                 assert st == 200, r
                 singles[i] = r["choices"][0]["text"]
 
         async def one(session: aiohttp.ClientSession, i: int):
-            body, leaves = cases[i]
+            body, kind = cases[i]
             await asyncio.sleep(0.002 * i)
             text, done = [], False
+            if kind == "hangup":  # cancelling the call closes the connection before any reply
+                with pytest.raises(asyncio.TimeoutError):
+                    await asyncio.wait_for(session.post(server + "/v1/completions", json=body), 0.5)
+                return i, "", False
             async with session.post(server + "/v1/completions", json={**body, "stream": True}) as r:
                 assert r.status == 200
                 n = 0
@@ -205,7 +219,7 @@ def test_32_concurrent_streams_with_disconnects(server):
                         break
                     text.append(json.loads(line[6:])["choices"][0]["text"])
                     n += 1
-                    if leaves and n == 3:
+                    if kind == "leave" and n == 3:
                         break  # leaving the block with the body unread closes the connection
             return i, "".join(text), done
 
@@ -213,16 +227,16 @@ def test_32_concurrent_streams_with_disconnects(server):
         async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
             results = await asyncio.gather(*(one(s, i) for i in range(32)))
         for i, text, done in results:
-            if cases[i][1]:
-                assert not done
-            else:
+            if cases[i][1] == "complete":
                 assert done and text == singles[i], f"stream {i} differs from its single-request result"
+            else:
+                assert not done
     run(go())
     wait_clean(server)
     h = json.loads(urllib.request.urlopen(server + "/health").read())
     assert h["running"] == 0 and h["waiting"] == 0
     aborted = metric(server, "microserve_requests_total", '{finish_reason="abort"}') - aborted_before
-    assert aborted == 8, "every client that left had its request aborted (none ran to its 300 tokens)"
+    assert aborted == 8, "every client that left had its request aborted (none ran to its 480 tokens)"
 
 
 # ---- errors ---------------------------------------------------------------------------------------
