@@ -23,6 +23,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                     "--random-input-len 3000 --random-output-len 100 --random-range-ratio 0.0017 --ignore-eos.")
     add_bench_args(p)
     p.set_defaults(fn=cmd_bench)
+    from microserve.bench.sweep import register as register_sweep
+    register_sweep(subparsers)  # `microserve bench-sweep`: strategies x rates on fresh clusters
     return p
 
 
