@@ -1,4 +1,4 @@
-"""`microserve bench-sweep`: two strategies x one rate over real clusters of stories260K engines
+"""`microserve bench sweep`: two strategies x one rate over real clusters of stories260K engines
 (JSONs with vLLM's keys, the markdown table, the PNG), and the table/aggregation on known results."""
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def test_sweep_two_strategies_one_rate(tmp_path):
     out = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "microserve.cli", "bench-sweep", "--model", STORIES, "--strategies", "dp",
+    cmd = [sys.executable, "-m", "microserve.cli", "bench", "sweep", "--model", STORIES, "--strategies", "dp",
            "pd:balance=0.1", "--rates", "10", "--num-prompts", "4", "--num-warmups", "1", "--dataset-name", "random",
            "--random-input-len", "48", "--random-output-len", "8", "--result-dir", str(out), "--title", "t",
            "--log-dir", str(tmp_path / "logs"), "--page-size", "4"]  # the last flag goes to the engines

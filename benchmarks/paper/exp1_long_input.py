@@ -31,7 +31,7 @@ def tune_f(a, candidates: list[float]) -> tuple[float, str]:
 
 
 def main() -> int:
-    p = parser(__doc__, rates=[0.6, 1.0, 1.4, 1.8])
+    p = parser(__doc__, rates=[0.8, 1.4, 2.0, 2.6])
     p.add_argument("--tune-f", default="0.2,0.3,0.5", help="balance factors tried for the tuned f")
     p.add_argument("--f", type=float, default=None, help="skip tuning; use this f")
     a = p.parse_args()

@@ -24,7 +24,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_bench_args(p)
     p.set_defaults(fn=cmd_bench)
     from microserve.bench.sweep import register as register_sweep
-    register_sweep(subparsers)  # `microserve bench-sweep`: strategies x rates on fresh clusters
+    # `microserve bench sweep`: strategies x rates on fresh clusters; optional, so `bench` alone still works
+    register_sweep(p.add_subparsers(dest="bench_command", metavar="{sweep}"))
     return p
 
 

@@ -1,4 +1,4 @@
-"""`microserve bench-sweep`: strategies x request rates, each on a freshly started cluster.
+"""`microserve bench sweep`: strategies x request rates, each on a freshly started cluster.
 
 For every (repeat, rate, strategy) the sweep starts `microserve up` as a child process (engines +
 router, the launcher users run), waits until the router is healthy, warms it up with requests
@@ -296,9 +296,9 @@ def summarize(result_dir: str, title: str = "", baseline: str | None = "dp",
 
 # ---- command line -------------------------------------------------------------------------------
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `bench-sweep` to a `microserve` subparsers object."""
+    """Add `sweep` to a subparsers object (the `microserve bench` parser's)."""
     p = subparsers.add_parser(
-        "bench-sweep", help="run strategies x request rates, each on a fresh cluster; table and plots",
+        "sweep", help="run strategies x request rates, each on a fresh cluster; table and plots",
         description="For every request rate and strategy: start `microserve up` (engines + router), warm it, send "
                     "the workload, stop it, save the result JSON under RESULT_DIR/runs; then write "
                     "RESULT_DIR/summary.md (table) and summary.png (mean/P99 JCT, TTFT, TPOT vs rate). "
