@@ -43,7 +43,8 @@ class SamplingFields(BaseModel):
 
     @property
     def stop_list(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return [s for s in stops if s]  # an empty stop string would end every request at once
 
     @property
     def include_usage(self) -> bool:
@@ -54,6 +55,21 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     echo: bool = False
+    logprobs: int | None = None
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise ValueError("echo is not supported")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise ValueError("logprobs is not supported")
+        return v
 
     def prompt_ids(self, tokenizer) -> list[int]:
         """The prompt as token ids: given as ids, or text encoded with `tokenizer` (None: ids only)."""

@@ -261,6 +261,9 @@ BAD = [
     ("missing prompt", {"max_tokens": 4}, 400, "prompt"),
     ("wrong type", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
     ("stream with bad max_tokens", {"prompt": PROMPT, "max_tokens": 0, "stream": True}, 400, "max_tokens"),
+    ("echo unsupported", {"prompt": PROMPT, "echo": True}, 400, "echo"),
+    ("logprobs unsupported", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
+    ("n above 1", {"prompt": PROMPT, "n": 2}, 400, "n"),
 ]
 
 
