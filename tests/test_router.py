@@ -211,6 +211,32 @@ def test_reconfigure_under_load(cluster, reference):
     assert_engines_clean([e.url for e in cluster.engines])
 
 
+def test_client_disconnect_aborts_both_legs(cluster):
+    """Clients that hang up (mid-stream, or before anything came back) leave no running request,
+    page or parked reservation on either engine."""
+    async def hang_up(after_chunks: int, delay: float) -> None:
+        body = {"prompt": STORY * 3, "max_tokens": 300, "temperature": 0, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(cluster.url + "/v1/completions", json=body) as r:
+                if after_chunks == 0:
+                    await asyncio.sleep(delay)
+                    return
+                seen = 0
+                async for line in r.content:
+                    seen += line.startswith(b"data: {")
+                    if seen >= after_chunks:
+                        return
+
+    async def go():
+        await admin(cluster.url, "/admin/strategy", {"strategy": "pd"})
+        await asyncio.gather(*(hang_up(n, d) for n, d in ((3, 0), (1, 0), (0, 0.0), (0, 0.01), (0, 0.05))))
+    asyncio.run(go())
+    assert_engines_clean([e.url for e in cluster.engines])
+    for e in cluster.engines:
+        h = json.loads(urllib.request.urlopen(e.url + "/health").read())
+        assert h["running"] == 0 and h["waiting"] == 0, h
+
+
 def test_engines_admin_add_drain_remove(cluster, reference):
     async def go():
         await admin(cluster.url, "/admin/strategy", {"strategy": "round_robin"})
