@@ -1,0 +1,158 @@
+"""Latency the router adds in data-parallel mode: the same short requests sent to one engine directly
+and through `microserve router --strategy least_loaded` in front of it, interleaved.
+
+    python benchmarks/router_overhead.py                       # concurrency 1,4,16,64; writes the doc
+    python benchmarks/router_overhead.py --concurrency 1,4 --requests 100 --no-write
+
+Real processes: `microserve engine --model stories260K` and `microserve router --engine URL --model
+stories260K --strategy least_loaded`. The client (this process, aiohttp, keep-alive) runs closed-loop
+workers: at concurrency c, c workers each send their next request as soon as the previous one ends.
+Blocks of requests alternate between the two targets (direct, router, direct, ...), so both see the
+same machine load; each (mode, concurrency, target) cell gets about --requests requests.
+
+Modes: non-streamed max_tokens 1 (end-to-end latency), non-streamed max_tokens 16 (end-to-end),
+streamed max_tokens 16 (time to the first token chunk). Prompt: 8 tokens of text, greedy, ignore_eos.
+Added latency = router statistic - direct statistic, per cell.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import aiohttp  # noqa: E402
+
+from _common import STORIES, loadavg, machine, md_table, median, pct, run_header, write_section  # noqa: E402
+
+PROMPT = "Once upon a time there was a"
+MODES = [("non-streamed, max_tokens 1 (E2E)", False, 1), ("non-streamed, max_tokens 16 (E2E)", False, 16),
+         ("streamed, max_tokens 16", True, 16)]  # streamed: both TTFT and E2E of the same requests
+
+
+async def one(s: aiohttp.ClientSession, url: str, stream: bool, max_tokens: int) -> tuple[float, float]:
+    """(E2E, TTFT) in seconds; TTFT is the E2E for a non-streamed request."""
+    body = {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": stream}
+    t0 = time.perf_counter()
+    async with s.post(url + "/v1/completions", json=body) as r:
+        if r.status != 200:
+            raise RuntimeError(f"{url}: HTTP {r.status}: {await r.text()}")
+        if not stream:
+            data = await r.json()
+            assert data["usage"]["completion_tokens"] == max_tokens, data
+            e2e = time.perf_counter() - t0
+            return e2e, e2e
+        ttft = None
+        async for line in r.content:
+            if ttft is None and line.startswith(b"data: {") and b'"choices":[{' in line:
+                ttft = time.perf_counter() - t0
+        return time.perf_counter() - t0, ttft
+
+
+async def block(s, url: str, c: int, k: int, stream: bool, max_tokens: int) -> list[tuple[float, float]]:
+    async def worker():
+        return [await one(s, url, stream, max_tokens) for _ in range(k)]
+    return [x for xs in await asyncio.gather(*(worker() for _ in range(c))) for x in xs]
+
+
+async def bench(engine_url: str, router_url: str, concurrency: list[int], n_req: int, blocks: int) -> dict:
+    out = {}
+    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
+        for label, stream, mt in MODES:  # warm-up: connections, tokenizer, engine paths
+            for url in (engine_url, router_url):
+                await block(s, url, max(concurrency), 2, stream, mt)
+        for c in concurrency:
+            k = max(1, math.ceil(n_req / (blocks * c)))
+            for label, stream, mt in MODES:
+                lat = {"direct": [], "router": []}
+                t0 = time.perf_counter()
+                for b in range(2 * blocks):
+                    target = ("direct", "router")[(b + (b // 2)) % 2]  # direct, router, router, direct, ...
+                    lat[target] += await block(s, engine_url if target == "direct" else router_url, c, k, stream, mt)
+                out[(c, label)] = lat
+                d, r = [x[1] for x in lat["direct"]], [x[1] for x in lat["router"]]
+                print(f"c={c:3d} {label:34s} n={len(d)}/{len(r)}  direct p50 {median(d) * 1e3:7.2f} p99 "
+                      f"{pct(d, 99) * 1e3:7.2f} | router p50 {median(r) * 1e3:7.2f} p99 {pct(r, 99) * 1e3:7.2f} | "
+                      f"added p50 {(median(r) - median(d)) * 1e3:+.2f} ms  ({time.perf_counter() - t0:.1f} s, "
+                      f"load {loadavg()})", flush=True)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=400, help="about this many requests per (mode, concurrency, target)")
+    ap.add_argument("--blocks", type=int, default=10, help="blocks per target, alternating with the other target")
+    ap.add_argument("--model", default=STORIES)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (fresh processes each time)")
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    from microserve.launch import free_port, spawn, stop, wait_healthy
+    from microserve.tokenizer import Tokenizer
+    n_tok = len(Tokenizer(a.model).encode(PROMPT))
+    conc = [int(x) for x in a.concurrency.split(",")]
+    m = machine()
+    logs = tempfile.mkdtemp(prefix="microserve-bench-router-")
+    results = []
+    t_start = time.perf_counter()
+    for rnd in range(a.rounds):
+        eport, rport = free_port(), free_port()
+        eng = spawn("engine", ["engine", "--model", a.model], eport, os.path.join(logs, "engine.log"))
+        procs = [eng]
+        try:
+            wait_healthy([eng], timeout=120)
+            rtr = spawn("router", ["router", "--engine", eng.url, "--model", a.model, "--strategy", "least_loaded"],
+                        rport, os.path.join(logs, "router.log"))
+            procs.append(rtr)
+            wait_healthy([rtr], timeout=60)
+            print(f"round {rnd}: engine {eng.url}, router {rtr.url}; prompt {n_tok} tokens", flush=True)
+            results.append(asyncio.run(bench(eng.url, rtr.url, conc, a.requests, a.blocks)))
+        finally:
+            stop(procs)
+    elapsed = time.perf_counter() - t_start
+    rows = []
+    for c in conc:
+        for label, stream, _ in MODES:
+            for which, idx in ((["TTFT", 1], ["E2E", 0]) if stream else ([None, 0],)):
+                name = f"{label} ({which})" if which else label
+
+                def get(r, target):
+                    return [x[idx] for x in r[(c, label)][target]]
+                d = [x for r in results for x in get(r, "direct")]
+                rr = [x for r in results for x in get(r, "router")]
+                per_round = [(median(get(r, "router")) - median(get(r, "direct"))) * 1e3 for r in results]
+                added = (median(rr) - median(d)) * 1e3
+                rows.append([c, name, f"{len(d)} / {len(rr)}", f"{median(d) * 1e3:.2f}", f"{median(rr) * 1e3:.2f}",
+                             f"**{added:+.2f}**" + (f" (rounds {min(per_round):+.2f} to {max(per_round):+.2f})"
+                                                    if len(results) > 1 else ""),
+                             f"{pct(d, 99) * 1e3:.2f}", f"{pct(rr, 99) * 1e3:.2f}",
+                             f"{(pct(rr, 99) - pct(d, 99)) * 1e3:+.2f}"])
+    header = ["concurrency", "request", "n direct / router", "direct p50, ms", "router p50, ms",
+              "added p50, ms (goal <= 2)", "direct p99, ms", "router p99, ms", "added p99, ms"]
+    table = md_table(header, rows)
+    print()
+    print(table)
+    if a.no_write:
+        return 0
+    body = run_header(m, loadavg()) + (
+        f"- engine: `microserve engine --model stories260K` (defaults); router: `microserve router --engine URL "
+        f"--model stories260K --strategy least_loaded`; client: this process, aiohttp keep-alive, all three on the "
+        f"same {os.cpu_count()} cores\n"
+        f"- prompt: {PROMPT!r} ({n_tok} tokens), greedy, ignore_eos; closed loop with c workers; {a.blocks} blocks "
+        f"per target alternating direct/router; {a.rounds} round(s) of fresh processes; {elapsed:.0f} s in all\n\n"
+        f"{table}\n")
+    write_section("router", "3. Router overhead, data parallel (least_loaded, one engine)", body + NOTES)
+    return 0
+
+
+NOTES = """
+"""
+
+if __name__ == "__main__":
+    sys.exit(main())
