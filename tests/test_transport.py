@@ -258,3 +258,31 @@ def test_import_microserve_does_not_import_nixl():
     code = "import sys, microserve, microserve.transfer, microserve.transfer.nixl; print('nixl' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=os.getcwd(), check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_slot_runs_match_the_plain_loop():
+    """The vectorized run finder (and its one-entry cache) against the obvious loop."""
+    import random
+
+    from microserve.transfer.base import RunCache, slot_runs, slot_runs_array
+
+    def plain(src, dst):
+        runs = []
+        for s, d in zip(src, dst):
+            if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
+                runs[-1][2] += 1
+            else:
+                runs.append([s, d, 1])
+        return [tuple(r) for r in runs]
+
+    rng, cache = random.Random(0), RunCache()
+    for _ in range(300):
+        n = rng.choice([0, 1, 2, 5, 64, 65, 300])
+        src = [rng.choice([i, rng.randrange(1000)]) for i in range(n)]
+        dst = [rng.choice([i + 7, rng.randrange(1000)]) for i in range(n)]
+        want = plain(src, dst)
+        assert slot_runs(src, dst) == want
+        assert [tuple(r) for r in slot_runs_array(src, dst).tolist()] == want
+        assert [tuple(r) for r in cache(src, dst).tolist()] == want
+        src[n // 2:] = [s + 1 for s in src[n // 2:]]  # the same list object, changed: no stale answer
+        assert [tuple(r) for r in cache(src, dst).tolist()] == plain(src, dst)

@@ -11,9 +11,11 @@ With `enable_prog_thread=False` NIXL moves nothing unless someone calls into the
 receiver has to progress too (UCX wire-up, TCP-emulated puts, notifications). So every transport
 runs one small thread that owns the agent: it posts queued writes (on one host UCX's `cma` does the
 copy inside the post call, so it runs here, beside the sender's compute), polls writes in flight
-every 0.1 ms, and otherwise progresses the worker every 2 ms (about 1% of a core). Calls from other
-threads take `_agent_lock`. (Over plain TCP, where UCX emulates puts, the receiver's 2 ms polling
-bounds the rate; RDMA transports and `cma` need no receiver progress for the data itself.)
+every 0.1 ms, and otherwise progresses the worker. A sender's WRITE only completes once the
+receiver's worker answers (endpoint flush, notification), so the receiver's polling interval is
+the floor of every transfer's latency: it polls every 0.2 ms from describe() (a prep_recv: bytes
+are coming) until 1 s after the last WRITE landed, and every 2 ms otherwise (about 1% of a core).
+Calls from other threads take `_agent_lock`.
 
 We never unpickle a peer's descriptor lists (NIXL's `deserialize_descs` is pickle: code execution
 for whoever writes kv_addr_info); remote descriptors are computed from the described base address,
@@ -35,8 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from microserve.transfer.base import (KVTransport, TransferError, TransferStats, process_start_time, slot_runs,
-                                      slot_runs_array)
+from microserve.transfer.base import (KVTransport, RunCache, TransferError, TransferStats, process_start_time,
+                                      slot_runs)
 
 NOTIF = b"microserve-kv"
 # NIXL errors that mean "this description is not usable" rather than "the peer is unreachable".
@@ -90,9 +92,11 @@ class _Progress:
 class NixlTransport(KVTransport):
     name = "nixl"
 
-    def __init__(self, idle_poll_s: float = 2e-3, busy_poll_s: float = 1e-4) -> None:
+    def __init__(self, idle_poll_s: float = 2e-3, expect_poll_s: float = 2e-4, busy_poll_s: float = 1e-4,
+                 expect_s: float = 1.0) -> None:
         super().__init__()
-        self._idle_s, self._busy_s = idle_poll_s, busy_poll_s
+        self._idle_s, self._expect_poll_s, self._busy_s, self._expect_s = idle_poll_s, expect_poll_s, busy_poll_s, expect_s
+        self._expect_until = 0.0  # poll at expect_poll_s until then: writes to our pool are on the way
         self._agent: Any = None
         self._agent_name = ""
         self._reg: Any = None
@@ -106,6 +110,7 @@ class NixlTransport(KVTransport):
         self._closed = False
         self._thread: threading.Thread | None = None
         self.notifs_received = 0  # WRITEs that landed in our pool (their notifications)
+        self._runs = RunCache()
 
     # ---- receiver side ------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -128,8 +133,13 @@ class NixlTransport(KVTransport):
         return self.local
 
     def describe(self) -> dict:
+        """How a peer reaches our pool (JSON-able). Called by prep_recv, so it also means "writes are
+        coming": the progress thread polls fast for a while, since senders wait on our answers."""
         if self._agent is None:
             raise TransferError("the nixl transport has no KV pool yet", 500)
+        with self._cv:
+            self._expect_until = time.perf_counter() + self._expect_s
+            self._cv.notify_all()
         pid = os.getpid()
         return {"agent": self._agent_name, "meta": self._meta, "addr": self.local.data_ptr(),
                 "shape": list(self.local.shape), "dtype": self._dtype, "mem": self._mem, "devid": self._devid,
@@ -228,7 +238,7 @@ class NixlTransport(KVTransport):
             far = [(rk + d * row, n * row, remote.devid) for _, d, n in runs]
             far += [(a + rs * row, n, dev) for a, n, dev in far]
             return np.array(local, dtype=np.uint64), np.array(far, dtype=np.uint64), ok
-        r = slot_runs_array(src, dst)
+        r = self._runs(src, dst)
         ok = bool(r[:, :2].min() >= 0 and (r[:, 0] + r[:, 2]).max() <= ls and (r[:, 1] + r[:, 2]).max() <= rs)
         n = len(r)
         out = []
@@ -280,7 +290,9 @@ class NixlTransport(KVTransport):
         while True:
             with self._cv:
                 if not self._jobs and not self._closed:
-                    self._cv.wait(self._busy_s if self._inflight else self._idle_s)
+                    wait = self._busy_s if self._inflight else \
+                        self._expect_poll_s if time.perf_counter() < self._expect_until else self._idle_s
+                    self._cv.wait(wait)
                 if self._closed:
                     return
                 jobs, self._jobs, epoch = self._jobs, [], self._epoch
@@ -345,6 +357,8 @@ class NixlTransport(KVTransport):
         except Exception:
             got = 0
         self.notifs_received += got
+        if got:
+            self._expect_until = time.perf_counter() + self._expect_s
         return done, failed
 
     @staticmethod

@@ -20,7 +20,7 @@ import uuid
 import torch
 
 from microserve.transfer.base import (CopyWorker, KVTransport, ProcessPeer, TransferError, TransferStats,
-                                      process_start_time, slot_runs, slot_runs_array)
+                                      RunCache, process_start_time, slot_runs)
 
 # Copies up to this size run in the caller when the copy thread is idle (a few tokens, a page or
 # two): a ~10 us copy is cheaper than waking the thread. Larger ones overlap compute.
@@ -36,6 +36,7 @@ class ShmTransport(KVTransport):
         self._peers: dict[tuple, ProcessPeer] = {}
         self._worker = CopyWorker("shm-kv-copy", inline_bytes=INLINE_BYTES)
         self._touched: set[ProcessPeer] = set()
+        self._runs = RunCache()
 
     def allocate(self, shape, dtype, device) -> torch.Tensor:
         if torch.device(device).type != "cpu":
@@ -108,7 +109,7 @@ class ShmTransport(KVTransport):
             srcs, dsts, lens = [lk + s * row for s, _, _ in runs], [rk + d * row for _, d, _ in runs], \
                 [n * row for _, _, n in runs]
         else:
-            r = slot_runs_array(src, dst)
+            r = self._runs(src, dst)
             ok = ok and r[:, :2].min() >= 0 and (r[:, 0] + r[:, 2]).max() <= lslots \
                 and (r[:, 1] + r[:, 2]).max() <= rslots
             srcs, dsts, lens = (r[:, 0] * row + lk).tolist(), (r[:, 1] * row + rk).tolist(), (r[:, 2] * row).tolist()
@@ -123,9 +124,9 @@ class ShmTransport(KVTransport):
 
         def copy(keep=(local, target)) -> None:  # keep: both mappings stay alive until the copy ran
             move = ctypes.memmove  # a C call that releases the GIL: compute threads keep running
-            for d, s, n in zip(dsts, srcs, lens):
-                move(d, s, n)
-                move(d + rv, s + lv, n)
+            for dv, sv in ((0, 0), (rv, lv)):  # all K runs, then all V runs: forward through memory
+                for d, s, n in zip(dsts, srcs, lens):
+                    move(d + dv, s + sv, n)
         self._worker.submit(copy, 2 * len(src) * row)
 
     def flush(self, timeout: float) -> TransferStats:
