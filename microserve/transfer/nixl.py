@@ -90,6 +90,11 @@ class _Progress:
 
 
 class NixlTransport(KVTransport):
+    """KV pool registered with a NIXL agent (UCX); one-sided WRITEs into peers' pools. See the module
+    docstring for the flow; the contract is `KVTransport`'s: write() never blocks on the copy and
+    never raises for a peer's fault, flush() reports it (400 bad description or slots, 502 WRITE
+    failed or receiver died, 504 timeout)."""
+
     name = "nixl"
 
     def __init__(self, idle_poll_s: float = 2e-3, expect_poll_s: float = 2e-4, busy_poll_s: float = 1e-4,
