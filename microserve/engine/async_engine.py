@@ -86,7 +86,7 @@ class AsyncEngine:
         """Returns once every byte of KV for [begin, end) has landed in the receiver."""
         async for out in self._stream(f"send-{rid}", self.engine.remote_send, rid, prompt_ids, begin, end, kv_addr_info):
             if out.finished and out.error:
-                raise TransferError(out.error, 504 if "within" in out.error else 502)
+                raise TransferError(out.error, out.error_status)
 
     # ---- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:

@@ -285,7 +285,7 @@ class Engine:
         if not reqs and not self._sent_since_flush:
             return []
         outs = []
-        error = None
+        error: TransferError | None = None
         if self._sent_since_flush:
             self._sent_since_flush = False
             try:
@@ -294,10 +294,11 @@ class Engine:
                 self.stats.kv_transfer_s += st.transfer_s
                 self.stats.kv_exposed_s += st.exposed_s
             except TransferError as e:
-                error = str(e)
+                error = e
                 reqs = [r for r in self.requests.values() if r.send is not None]
         for req in reqs:
-            req.error = error
+            if error is not None:
+                req.error, req.error_status = str(error), error.status
             outs.append(self._finish(req, "error" if error else "sent"))
         return outs
 
@@ -327,7 +328,7 @@ class Engine:
 
     def _output(self, req, new_ids, text, finished, reason) -> RequestOutput:
         return RequestOutput(req.rid, new_ids, text, finished, reason, req.num_prompt, len(req.output_ids),
-                             req.num_cached_tokens, req.error)
+                             req.num_cached_tokens, req.error, req.error_status)
 
     def _finish(self, req: Request, reason: str, new_ids: list[int] | None = None, text: str = "") -> RequestOutput:
         self.scheduler.remove(req)

@@ -35,6 +35,7 @@ class Request:
     seq: SeqKV | None = None
     finish_reason: str | None = None
     error: str | None = None
+    error_status: int = 503  # the HTTP status `error` maps to
     send: SendWindow | None = None  # remote_send: ship KV of these positions as it is computed
     send_only: bool = False  # remote_send: compute KV, sample nothing
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused (prefix hit or received)
@@ -74,3 +75,4 @@ class RequestOutput:
     num_output_tokens: int
     num_cached_tokens: int
     error: str | None = None
+    error_status: int = 503

@@ -100,7 +100,7 @@ async def respond(request: web.Request, state, rid: str, body: SamplingFields,
             last = out
             await handle(out, False)
     if last.error and last.finish_reason == "error" and writer is None:
-        raise HTTPError(503, last.error, "engine_error")
+        raise HTTPError(last.error_status, last.error, "engine_error")
     dt = time.perf_counter() - t0
     state.metrics.e2e.observe(dt)
     if last.num_output_tokens > 1:
