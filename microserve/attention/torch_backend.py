@@ -56,15 +56,24 @@ class TorchSDPABackend(AttentionBackend):
         return out
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta) -> torch.Tensor:
-        """All decodes in one padded SDPA call: each sees its own context, masked to its length."""
+        """All decodes in one padded call: each sees its own context, masked to its length."""
         nd = meta.num_decodes
         lens = meta.seq_lens[:nd]
         max_len = max(meta.seq_lens_cpu[:nd])
         page_size = kv_layer.shape[2]
         n_pages = (max_len + page_size - 1) // page_size
-        rows = kv_layer[:, meta.block_tables[:nd, :n_pages]]  # [2, B, n_pages, page_size, H, D]
-        rows = rows.flatten(2, 3)[:, :, :max_len].transpose(2, 3)  # [2, B, H, max_len, D]
-        mask = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, max_len]
-        o = F.scaled_dot_product_attention(q.unsqueeze(2), rows[0], rows[1], attn_mask=mask[:, None, None, :],
-                                           scale=self.scale, enable_gqa=True)
-        return o.squeeze(2)
+        rows = kv_layer[:, meta.block_tables[:nd, :n_pages]].flatten(2, 3)[:, :, :max_len]  # [2, B, T, H, D]
+        valid = torch.arange(max_len, device=q.device)[None, :] < lens[:, None]  # [B, T]
+        if q.dtype == torch.float32:
+            o = F.scaled_dot_product_attention(q.unsqueeze(2), rows[0].transpose(1, 2), rows[1].transpose(1, 2),
+                                               attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
+            return o.squeeze(2)
+        # Half precision: CPU SDPA's masked bf16 path is ~4x slower than two batched matmuls with an
+        # fp32 softmax (measured, benchmarks/decode_attention_micro.py). The q heads of one KV head
+        # share its K/V, so they go in as one [group, D] block.
+        b, hkv, d = nd, rows.shape[3], rows.shape[4]
+        qg = q.view(b, hkv, -1, d)
+        scores = torch.matmul(qg, rows[0].permute(0, 2, 3, 1)).float() * self.scale  # [B, Hkv, G, T]
+        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, rows[1].transpose(1, 2)).reshape(b, -1, d)
