@@ -41,7 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off the radix prefix cache")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
                    help="torch SDPA (CPU default) or Triton kernels (CUDA default) (default: %(default)s)")
-    g.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    g.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: the cores this process may use, minus one for the HTTP event loop)")
     g.add_argument("--cpu-affinity", default=None, help="pin the engine to these CPU cores, e.g. '0' or '2,3'")
     g = p.add_argument_group("microserving")
     g.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "nixl", "cuda_ipc", "none"],

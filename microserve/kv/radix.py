@@ -34,6 +34,7 @@ class PrefixTree:
         self.num_nodes = 0
         self.num_evictable = 0
         self._clock = itertools.count()
+        self._leaves: set[Node] = set()  # kept up to date, so eviction never walks the whole tree
 
     def _chunks(self, tokens) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -71,6 +72,8 @@ class PrefixTree:
             if child is None:
                 child = Node(key=key, page=page, parent=node)
                 node.children[key] = child
+                self._leaves.discard(node)
+                self._leaves.add(child)
                 self.num_nodes += 1
                 self.num_evictable += 1
             elif child.page != page:
@@ -97,28 +100,22 @@ class PrefixTree:
 
     def evict(self, n_pages: int) -> list[int]:
         """Free up to n_pages from unlocked leaves, least recently used first."""
-        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves() if leaf.lock == 0]
+        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves if leaf.lock == 0]
         heapq.heapify(heap)
         freed: list[int] = []
         while heap and len(freed) < n_pages:
             _, _, leaf = heapq.heappop(heap)
             parent = leaf.parent
             del parent.children[leaf.key]
+            self._leaves.discard(leaf)
             self.num_nodes -= 1
             self.num_evictable -= 1
             freed.append(leaf.page)
-            if parent is not self.root and not parent.children and parent.lock == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+            if parent is not self.root and not parent.children:
+                self._leaves.add(parent)
+                if parent.lock == 0:
+                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
         return freed
-
-    def _leaves(self):
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            if node.children:
-                stack.extend(node.children.values())
-            elif node is not self.root:
-                yield node
 
     def pages(self) -> set[int]:
         out, stack = set(), [self.root]

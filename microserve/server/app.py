@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ def build_app(engine: Engine, debug_api: bool = False) -> web.Application:
 
 async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = False) -> None:
     t0 = time.perf_counter()
+    if config.num_threads is None:  # leave a core to the event loop (HTTP, streaming), as vLLM does
+        config.num_threads = max(1, len(os.sched_getaffinity(0)) - 1)
     engine = Engine(config)
     app = build_app(engine, debug_api)
     runner = await run_app(app, host, port)
