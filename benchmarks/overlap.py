@@ -270,8 +270,12 @@ How to read it:
   layer), so no slowdown can be resolved; it is bounded above by the copy time plus a thread wake-up
   per layer. Copy bandwidth during compute vs alone also moves with the machine's load.
 - "hook time on the compute thread" is what the per-layer hook costs the compute thread itself
-  (pairing slots into runs, queuing the job): it is not overlapped. It is negligible next to a CPU
-  layer, but on a GPU, where a layer takes ~1 ms, it must stay in the tens of microseconds.
+  (`transport.write`: pairing slots into runs, queuing the job); it is not overlapped. Here it is
+  larger than the copy it hands off, though the same `write` call takes ~0.03-0.06 ms in isolation:
+  in the forward pass this Python runs against torch's OpenMP worker, which spin-waits on the
+  other core between ops (with 1 torch thread, or OMP_WAIT_POLICY=PASSIVE, it drops to ~0.3 ms in a
+  side experiment). It is negligible next to a CPU layer, but on a GPU, where a layer takes ~1 ms,
+  the per-layer Python must stay in the tens of microseconds.
 """
 
 if __name__ == "__main__":

@@ -60,7 +60,15 @@ async def block(s, url: str, c: int, k: int, stream: bool, max_tokens: int) -> l
     return [x for xs in await asyncio.gather(*(worker() for _ in range(c))) for x in xs]
 
 
-async def bench(engine_url: str, router_url: str, concurrency: list[int], n_req: int, blocks: int) -> dict:
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (and its threads) so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def bench(engine_url: str, router_url: str, concurrency: list[int], n_req: int, blocks: int,
+                pids: dict[str, int]) -> dict:
     out = {}
     conn = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as s:
@@ -71,10 +79,15 @@ async def bench(engine_url: str, router_url: str, concurrency: list[int], n_req:
             k = max(1, math.ceil(n_req / (blocks * c)))
             for label, stream, mt in MODES:
                 lat = {"direct": [], "router": []}
+                cpu = {"direct": {"engine": 0.0, "router": 0.0}, "router": {"engine": 0.0, "router": 0.0}}
                 t0 = time.perf_counter()
                 for b in range(2 * blocks):
                     target = ("direct", "router")[(b + (b // 2)) % 2]  # direct, router, router, direct, ...
+                    c0 = {k_: cpu_s(p) for k_, p in pids.items()}
                     lat[target] += await block(s, engine_url if target == "direct" else router_url, c, k, stream, mt)
+                    for k_, p in pids.items():
+                        cpu[target][k_] += cpu_s(p) - c0[k_]
+                lat["cpu"] = cpu
                 out[(c, label)] = lat
                 d, r = [x[1] for x in lat["direct"]], [x[1] for x in lat["router"]]
                 print(f"c={c:3d} {label:34s} n={len(d)}/{len(r)}  direct p50 {median(d) * 1e3:7.2f} p99 "
@@ -112,7 +125,8 @@ def main() -> int:
             procs.append(rtr)
             wait_healthy([rtr], timeout=60)
             print(f"round {rnd}: engine {eng.url}, router {rtr.url}; prompt {n_tok} tokens", flush=True)
-            results.append(asyncio.run(bench(eng.url, rtr.url, conc, a.requests, a.blocks)))
+            results.append(asyncio.run(bench(eng.url, rtr.url, conc, a.requests, a.blocks,
+                                             {"engine": eng.popen.pid, "router": rtr.popen.pid})))
         finally:
             stop(procs)
     elapsed = time.perf_counter() - t_start
@@ -128,13 +142,19 @@ def main() -> int:
                 rr = [x for r in results for x in get(r, "router")]
                 per_round = [(median(get(r, "router")) - median(get(r, "direct"))) * 1e3 for r in results]
                 added = (median(rr) - median(d)) * 1e3
+                n_d, n_r = len(d), len(rr)
+                ecd = sum(r[(c, label)]["cpu"]["direct"]["engine"] for r in results) / n_d * 1e3
+                ecr = sum(r[(c, label)]["cpu"]["router"]["engine"] for r in results) / n_r * 1e3
+                rcr = sum(r[(c, label)]["cpu"]["router"]["router"] for r in results) / n_r * 1e3
+                cpu_cells = [f"{ecd:.2f}", f"{ecr:.2f}", f"{rcr:.2f}"] if which != "TTFT" else ["same", "same", "same"]
                 rows.append([c, name, f"{len(d)} / {len(rr)}", f"{median(d) * 1e3:.2f}", f"{median(rr) * 1e3:.2f}",
                              f"**{added:+.2f}**" + (f" (rounds {min(per_round):+.2f} to {max(per_round):+.2f})"
                                                     if len(results) > 1 else ""),
                              f"{pct(d, 99) * 1e3:.2f}", f"{pct(rr, 99) * 1e3:.2f}",
-                             f"{(pct(rr, 99) - pct(d, 99)) * 1e3:+.2f}"])
+                             f"{(pct(rr, 99) - pct(d, 99)) * 1e3:+.2f}", *cpu_cells])
     header = ["concurrency", "request", "n direct / router", "direct p50, ms", "router p50, ms",
-              "added p50, ms (goal <= 2)", "direct p99, ms", "router p99, ms", "added p99, ms"]
+              "added p50, ms (goal <= 2)", "direct p99, ms", "router p99, ms", "added p99, ms",
+              "engine CPU ms/request, direct", "engine CPU ms/request, via router", "router CPU ms/request"]
     table = md_table(header, rows)
     print()
     print(table)
@@ -152,6 +172,34 @@ def main() -> int:
 
 
 NOTES = """
+How to read it:
+
+- "added" is router minus direct for the same kind of request, measured in alternating blocks. The
+  pooled columns use every request of both rounds; "rounds" gives each round's own difference of
+  medians (the two rounds can sit at different load levels, so the pooled value need not lie
+  between them). p99 over a few hundred requests on a shared machine is mostly noise from other
+  processes; read the medians.
+- CPU columns: user+system CPU of the engine and router processes (from /proc) during the blocks of
+  each target, divided by the requests; the engine's figure includes torch's worker threads (which
+  spin between steps), so compare its two columns with each other only. TTFT rows share the
+  requests (and CPU) of the streamed E2E rows.
+- **Non-streamed requests pay for a stream they did not ask for.** `EngineClient._stream`
+  (microserve/router/client.py, the body it posts sets `"stream": True`) always asks the engine to
+  stream, even when the client wants one JSON body, so a non-streamed request through the router
+  costs what a streamed one costs at the engine: compare "non-streamed, max_tokens 16 (E2E)" via
+  the router with "streamed, max_tokens 16 (E2E)" direct. Streaming 16 chunks, each waking the
+  reader on these 2 busy cores, is several ms slower than one body here, and that, not the router's
+  own work, is most of the router's added latency for non-streamed multi-token requests at low
+  concurrency. Fix: for a single-engine flow (data parallel, or the final start_generate) post the
+  client's own `stream` value and, when false, turn the engine's one JSON response into one chunk
+  plus usage.
+- **At 16 and 64 concurrent requests the router is a CPU consumer on a 2-core machine** that also
+  runs the engine, the client and other agents' tests: its ~0.3-3 ms of CPU per request (one
+  asyncio thread: HTTP parse, tokenize, pydantic, one json.loads per SSE chunk and a json.dumps per
+  chunk it forwards) competes with the engine, and the added latency grows with the request rate.
+  On a machine with a core to spare for the router this part would shrink; in the same process
+  budget, forwarding the engine's SSE bytes unparsed in data-parallel mode (the router only needs
+  the usage chunk and the finish) and orjson/uvloop would cut it.
 """
 
 if __name__ == "__main__":
