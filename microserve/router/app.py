@@ -121,7 +121,7 @@ def build_router_app(svc: RouterService) -> web.Application:
         strategy = svc.strategy  # in-flight requests keep the strategy they started with
         forward = {k: v for k, v in body.model_dump(exclude_unset=True).items() if k in FORWARD}
         forward.setdefault("max_tokens", body.max_tokens)
-        req = RouterRequest(uuid.uuid4().hex, prompt, forward)
+        req = RouterRequest(uuid.uuid4().hex, prompt, forward, stream=body.stream)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}"
         t0 = time.perf_counter()
         writer, parts, token_ids, finish, usage, first = None, [], [], None, None, True

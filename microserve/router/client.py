@@ -48,6 +48,7 @@ class RouterRequest:
     body: dict[str, Any]  # the OpenAI sampling fields forwarded to engines
     parked: dict[str, "EngineClient"] = field(default_factory=dict)  # url -> engine holding a prep_recv
     streamed: bool = False  # a token reached the client: retrying is no longer possible
+    stream: bool = True  # the client wants a stream (engines are asked for one only then)
 
     def __len__(self) -> int:
         return len(self.prompt)
@@ -75,7 +76,7 @@ class EngineClient:
         return {**req.body, "prompt": req.prompt, "user": req.rid, **extra}
 
     @asynccontextmanager
-    async def _call(self, name: str, path: str, body: dict, prefill_tokens: int = 0, running: bool = False):
+    async def _call(self, name: str, path: str, body: dict, running: bool = False, prefill_tokens: int = 0):
         """POST and yield the response; tracks load and latency, maps failures to our errors."""
         load = self.load
         load.calls += 1
@@ -98,12 +99,22 @@ class EngineClient:
                 self.observe(name, self.url, time.perf_counter() - t0)
 
     async def _json(self, name: str, path: str, body: dict, prefill_tokens: int = 0) -> dict:
-        async with self._call(name, path, body, prefill_tokens) as resp:
+        async with self._call(name, path, body, prefill_tokens=prefill_tokens) as resp:
             return await resp.json()
 
-    async def _stream(self, name: str, path: str, body: dict, prefill_tokens: int) -> AsyncIterator[dict]:
-        """SSE chunks as dicts. Load counts the prompt as pending prefill until the first chunk."""
-        body = {**body, "stream": True, "stream_options": {"include_usage": True}, "return_token_ids": True}
+    async def _stream(self, name: str, path: str, body: dict, prefill_tokens: int,
+                      stream: bool = True) -> AsyncIterator[dict]:
+        """Completion chunks as dicts, the usage last. Load counts the prompt as pending prefill
+        until the first chunk. stream=False asks the engine for one JSON reply (cheaper when the
+        client wants no stream either) and yields it as one chunk plus the usage."""
+        body = {**body, "stream": stream, "return_token_ids": True,
+                **({"stream_options": {"include_usage": True}} if stream else {})}
+        if not stream:
+            async with self._call(name, path, body, running=True, prefill_tokens=prefill_tokens) as resp:
+                reply = await resp.json()
+            yield {"choices": reply["choices"]}
+            yield {"choices": [], "usage": reply["usage"]}
+            return
         async with self._call(name, path, body, running=True) as resp:
             self.load.prefill_tokens += prefill_tokens
             pending = prefill_tokens
@@ -138,7 +149,7 @@ class EngineClient:
     def start_generate(self, req: RouterRequest, begin: int) -> AsyncIterator[dict]:
         req.parked.pop(self.url, None)  # from here on the engine owns the request
         return self._stream("start_generate", "/microserving/start_generate", self._body(req, begin=begin),
-                            len(req) - begin)
+                            len(req) - begin, req.stream)
 
     async def commit(self, req: RouterRequest) -> int:
         req.parked.pop(self.url, None)
@@ -153,7 +164,7 @@ class EngineClient:
 
     def generate(self, req: RouterRequest) -> AsyncIterator[dict]:
         """A whole request on this engine alone (/v1/completions)."""
-        return self._stream("generate", "/v1/completions", self._body(req), len(req))
+        return self._stream("generate", "/v1/completions", self._body(req), len(req), req.stream)
 
     async def health(self, timeout: float = 2.0) -> dict:
         async with self.session.get(self.url + "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as r:
