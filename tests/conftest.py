@@ -16,6 +16,15 @@ STORIES_HD32 = str(SHARED / "models" / "stories260K-hd32")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Most of the story stories260K tells greedily after "The sun was": it ends it (with token 1)
+# within ~20 more tokens, so a request on it finishes with finish_reason "stop".
+STORY_END = ("The sun was shining and the sky was very shiny. It was a big, shiny ball. The sky was very shiny and "
+             "shiny. It was a big, shiny ball. The sky was very shiny and shiny.\nOne day, a little boy named Tim "
+             "came to the sky. He saw the ball and wanted to play with it. He wanted to play with the ball. He "
+             "picked up the ball and put it in the ball. Tim was very happy. He went to the ball and said, \"Thank "
+             "you, Tim!\"\nTim and the ball played with the ball. They played together all day. They had a lot of "
+             "fun. Tim and t")
+
 
 def make_hf_model(path: Path, arch: str = "llama", **overrides) -> str:
     """Save a tiny random transformers model (the correctness oracle) with a tokenizer copied from

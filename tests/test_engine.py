@@ -8,7 +8,7 @@ from collections import defaultdict
 import pytest
 import torch
 
-from conftest import STORIES
+from conftest import STORIES, STORY_END
 from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
 from microserve.engine.sampling import SamplingParams
@@ -19,13 +19,6 @@ STORY = ("Once upon a time, there was a little girl named Lily. She loved to pla
          "One day, she saw a big, red ball. She wanted to play with it, but it was too high. Lily's mom "
          "said, \"Lily, let's go to the park.\" Lily was sad. She did not know what to do. Then, she had "
          "an idea. She went to the tree and climbed up to get the ball.")
-# Most of the story stories260K tells (greedily) after "The sun was": it ends it within ~20 tokens.
-STORY_END = ("The sun was shining and the sky was very shiny. It was a big, shiny ball. The sky was very shiny and "
-             "shiny. It was a big, shiny ball. The sky was very shiny and shiny.\nOne day, a little boy named Tim "
-             "came to the sky. He saw the ball and wanted to play with it. He wanted to play with the ball. He "
-             "picked up the ball and put it in the ball. Tim was very happy. He went to the ball and said, \"Thank "
-             "you, Tim!\"\nTim and the ball played with the ball. They played together all day. They had a lot of "
-             "fun. Tim and t")
 PROMPTS = ["Once upon a time", "Tom had a red ball", "The sun was", "Lily and Ben went to the park. They saw",
            "One day, a little bird", "The cat", "Sue liked to draw. She drew a big house and", "Max was a dog"]
 

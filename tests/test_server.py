@@ -14,17 +14,10 @@ import urllib.request
 import aiohttp
 import pytest
 
-from conftest import STORIES, kv_accounting
+from conftest import STORIES, STORY_END, kv_accounting
 
 NAME = "stories"
 PROMPT = "Once upon a time"
-# stories260K finishes this story (with token 1) about 20 tokens in
-STORY_END = ("The sun was shining and the sky was very shiny. It was a big, shiny ball. The sky was very shiny and "
-             "shiny. It was a big, shiny ball. The sky was very shiny and shiny.\nOne day, a little boy named Tim "
-             "came to the sky. He saw the ball and wanted to play with it. He wanted to play with the ball. He "
-             "picked up the ball and put it in the ball. Tim was very happy. He went to the ball and said, \"Thank "
-             "you, Tim!\"\nTim and the ball played with the ball. They played together all day. They had a lot of "
-             "fun. Tim and t")
 PROMPTS = ["Once upon a time", "Tom had a red ball", "The sun was", "Lily and Ben went to the park. They saw",
            "One day, a little bird", "The cat", "Sue liked to draw. She drew a big house and", "Max was a dog",
            "There was a big tree", "Anna found a shiny stone", "The little boat", "Mom made a cake"]

@@ -119,6 +119,13 @@ class ProcessPeer:
         return process_start_time(self.pid) == self.start
 
 
+def check_alive(peers) -> None:
+    """Memory written into a peer's pool is only worth something if its owner still runs."""
+    for peer in peers:
+        if not peer.alive():
+            raise TransferError(f"the receiving engine (pid {peer.pid}) died during the transfer", 502)
+
+
 class KVTransport:
     """Contract:
     - `allocate(shape, dtype, device)` returns the engine's KV pool memory, reachable by peers.

@@ -36,8 +36,8 @@ from typing import Any
 
 import torch
 
-from microserve.transfer.base import (KVTransport, ProcessPeer, TransferError, TransferStats, process_start_time,
-                                      slot_runs)
+from microserve.transfer.base import (KVTransport, ProcessPeer, TransferError, TransferStats, check_alive,
+                                      process_start_time, slot_runs)
 
 # Few runs: copy each as a plain memcpy per kind (no index tensors). Many runs (short, scattered):
 # one gather and one scatter kernel, with index tensors uploaded once and reused by every layer.
@@ -241,9 +241,7 @@ class CudaIpcTransport(KVTransport):
                               transfer_s=sum(p.timed[0].elapsed_time(p.timed[1]) for p in pending) / 1e3)
         self._index.clear()  # the uploads have landed with the copies that used them
         touched, self._touched = self._touched, set()
-        for peer in touched:  # memory we wrote is only worth something if its owner still runs
-            if not peer.alive():
-                raise TransferError(f"the receiving engine (pid {peer.pid}) died during the transfer", 502)
+        check_alive(touched)
         return stats
 
     def close(self) -> None:

@@ -19,8 +19,8 @@ import uuid
 
 import torch
 
-from microserve.transfer.base import (CopyWorker, KVTransport, ProcessPeer, TransferError, TransferStats,
-                                      RunCache, process_start_time, slot_runs)
+from microserve.transfer.base import (CopyWorker, KVTransport, ProcessPeer, RunCache, TransferError, TransferStats,
+                                      check_alive, process_start_time, slot_runs)
 
 # Copies up to this size run in the caller when the copy thread is idle (a few tokens, a page or
 # two): a ~10 us copy is cheaper than waking the thread. Larger ones overlap compute.
@@ -132,9 +132,7 @@ class ShmTransport(KVTransport):
     def flush(self, timeout: float) -> TransferStats:
         stats = self._worker.wait(timeout)
         touched, self._touched = self._touched, set()
-        for peer in touched:  # memory we wrote is only worth something if its owner still runs
-            if not peer.alive():
-                raise TransferError(f"the receiving engine (pid {peer.pid}) died during the transfer", 502)
+        check_alive(touched)
         return stats
 
     def close(self) -> None:
