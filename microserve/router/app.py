@@ -12,6 +12,7 @@ In-flight requests keep the strategy object they started with; a switch affects 
 from __future__ import annotations
 
 import asyncio
+import os
 import hmac
 import logging
 import time
@@ -108,7 +109,10 @@ class RouterService:
 
     # ---- requests ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        """The served name; a path naming the same model directory is the same model (clients such
+        as `vllm bench serve` send the absolute path of what was served by a relative one)."""
+        if model is not None and model != self.model_name and not (
+                os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(self.model_name)):
             raise HTTPError(404, f"the model {model!r} does not exist; this router serves {self.model_name!r}",
                             "model_not_found", "model")
 

@@ -4,6 +4,7 @@
 microserving start_generate reuses it, since its reply is an ordinary completion."""
 from __future__ import annotations
 
+import os
 import time
 from contextlib import aclosing
 from typing import AsyncIterator
@@ -33,7 +34,9 @@ class OpenAIAPI:
                 web.get("/v1/models", self.models)]
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in (self.s.engine.model_name, self.s.engine.config.model):
+        e = self.s.engine
+        if model is not None and model not in (e.model_name, e.config.model) and not (
+                os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(e.model_path)):
             raise HTTPError(404, f"the model {model!r} does not exist; this engine serves "
                                  f"{self.s.engine.model_name!r}", "model_not_found", "model")
 
