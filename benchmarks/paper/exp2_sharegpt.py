@@ -13,7 +13,7 @@ TITLE = "Experiment 2: ShareGPT (scaled to the miniature), 2 engines"
 
 
 def main() -> int:
-    a = parser(__doc__, rates=[0.6, 1.2, 1.8]).parse_args()
+    a = parser(__doc__, rates=[0.5, 1.0, 1.5], num_prompts=30).parse_args()
     started = now()
     strategies = a.strategies or ["dp", "pd", "pd:balance=0.1", "adaptive"]
     d = sweep(NAME, a, strategies, WORKLOAD)
