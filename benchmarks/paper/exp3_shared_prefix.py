@@ -13,7 +13,7 @@ TITLE = "Experiment 3: shared-prefix workload (4 x 576-token documents), 2 engin
 
 
 def main() -> int:
-    a = parser(__doc__, rates=[1.0, 2.0]).parse_args()
+    a = parser(__doc__, rates=[0.6, 1.2], num_prompts=32).parse_args()
     started = now()
     strategies = a.strategies or ["dp", "cache_aware", "pd", "cache_aware_pd", "migration"]
     d = sweep(NAME, a, strategies, WORKLOAD)
