@@ -66,6 +66,7 @@ class Preset:
 # - 2 query heads (attention width 256, not 1024): the engine's CPU decode attention (masked SDPA
 #   in bf16) costs ~0.12 ms per head per 640-token context per layer, which with Llama's 8 heads
 #   made a batch-16 step 4.8x a batch-1 step; the paper's regime has batching nearly free.
+#   (71e451c later made that path ~4x faster; the preset was kept as chosen, before any results.)
 # - vocab 512: prompts are token ids, and a 128k-entry head would add decode cost the 70B model
 #   (1.5% of its weights) does not have.
 MINIATURE_MODEL: dict[str, Any] = {
