@@ -31,7 +31,6 @@ class AsyncEngine:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._expire_interval = expire_interval_s
-        self.step_callbacks: list[Callable[[float, int], None]] = []  # (seconds, tokens) per step
 
     async def start(self) -> None:
         self._wake, self._idle = asyncio.Event(), asyncio.Event()
@@ -107,7 +106,6 @@ class AsyncEngine:
                 continue
             self._stepping = True
             self._idle.clear()
-            t0 = time.perf_counter()
             try:
                 outputs = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception:
@@ -116,9 +114,6 @@ class AsyncEngine:
             finally:
                 self._stepping = False
                 self._idle.set()
-            dt = time.perf_counter() - t0
-            for cb in self.step_callbacks:
-                cb(dt, len(outputs))
             for out in outputs:
                 q = self._streams.get(out.rid)
                 if q is not None:

@@ -103,9 +103,6 @@ class KVCache:
         seq.private.update(pages)
         return True
 
-    def can_allocate(self, num_pages: int) -> bool:
-        return num_pages <= self.pool.num_free + self.tree.num_evictable
-
     def publish(self, seq: SeqKV, tokens, num_computed: int) -> None:
         """Put the full pages of tokens[:num_computed] (KV computed) into the prefix tree."""
         if not self.enable_prefix_caching:
