@@ -133,6 +133,19 @@ def write_section(key: str, title: str, body: str, path: Path = DOC) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n")
 
 
+def publish(key: str, title: str, header: list[str], rows: list[list], m: dict, setup: str, notes: str,
+            no_write: bool = False, path: Path = DOC) -> str:
+    """The end of a benchmark: print its markdown table and, unless `no_write`, replace its section
+    `key` of `path` with the run header (command, machine, load at the end), `setup` (the run's own
+    bullet lines), the table and `notes`. Returns the table."""
+    table = md_table(header, rows)
+    print()
+    print(table)
+    if not no_write:
+        write_section(key, title, run_header(m, loadavg()) + setup + f"\n{table}\n" + notes, path)
+    return table
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

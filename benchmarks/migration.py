@@ -35,8 +35,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiohttp  # noqa: E402
 
-from _common import (loadavg, machine, md_table, median, model_desc, run_header, spread, write_model,  # noqa: E402
-                     write_section)
+from _common import loadavg, machine, median, model_desc, publish, spread, write_model  # noqa: E402
 
 MODELS = {  # name: (hidden, intermediate, layers, heads, kv_heads)
     "large": (1024, 2816, 8, 16, 4),
@@ -293,12 +292,7 @@ def main() -> int:
               "request on B (prefix hit), ms", "(c) request on A (local hit), ms",
               "(d) request on B again (its own hit), ms",
               "in-process remote_send profile: write() calls / copies / flush wait, ms"]
-    table = md_table(header, rows)
-    print()
-    print(table)
-    if a.no_write:
-        return 0
-    body = run_header(m, loadavg()) + (
+    setup = (
         f"- context {a.context} tokens (random ids) + {TAIL} new tokens, max_tokens 1; migrated window: the "
         f"context's full pages ({a.context // a.page_size * a.page_size} tokens, page size {a.page_size}), as the "
         f"`migration` strategy does (A's prefix cache holds full pages only)\n"
@@ -306,9 +300,9 @@ def main() -> int:
         f"- engines pinned one per core, 1 torch thread each (HTTP: `microserve engine ... --num-threads 1 "
         f"--cpu-affinity 0|1`, kv_transport shm); in process: both Engine objects in this process, 1 thread\n"
         f"- {a.repeats} repeats per row after 2 warm-up rounds, (a) and (b) interleaved with alternating order, "
-        f"fresh random contexts every time; cells: median (min-max); {elapsed:.0f} s in all\n\n"
-        f"{table}\n")
-    write_section("migration", "2. Context-cache migration vs recompute (1000-token context)", body + NOTES)
+        f"fresh random contexts every time; cells: median (min-max); {elapsed:.0f} s in all\n")
+    publish("migration", "2. Context-cache migration vs recompute (1000-token context)", header, rows, m, setup, NOTES,
+            a.no_write)
     return 0
 
 

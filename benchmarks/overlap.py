@@ -29,8 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
-from _common import (loadavg, machine, md_table, median, model_desc, run_header, spread, write_model,  # noqa: E402
-                     write_section)
+from _common import loadavg, machine, median, model_desc, publish, spread, write_model  # noqa: E402
 from microserve.config import EngineConfig  # noqa: E402
 from microserve.engine.engine import Engine  # noqa: E402
 from microserve.engine.sampling import SamplingParams  # noqa: E402
@@ -229,12 +228,7 @@ def main() -> int:
               "overlap ratio T_transfer/T_layer", "same, copy alone / plain layer", "paper (Llama-70B, H100)",
               "hidden share 1 - exposed/transfer", "copy done within its own layer", "exposed wait per prefill, ms",
               "hook time on the compute thread per layer, ms"]
-    table = md_table(header, rows)
-    print()
-    print(table)
-    if a.no_write:
-        return 0
-    body = run_header(m, loadavg()) + (
+    setup = (
         f"- model: {model_desc(a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, vocab)}; page size "
         f"{a.page_size}; torch threads {threads} (+ the CopyWorker thread)\n"
         f"- two in-process engines, `kv_transport=\"shm\"`; for each length the receiver prep_recvs "
@@ -243,9 +237,9 @@ def main() -> int:
         f"plain prefill of the same length (no send), order alternated; {elapsed:.0f} s in all\n"
         f"- cells: median (min-max) over the repeats. T_layer is from forward pre-hooks on the decoder layers "
         f"(median layer of the step); T_transfer is EngineStats.kv_transfer_s / layers (the CopyWorker's timed "
-        f"copies); exposed is EngineStats.kv_exposed_s (the wait in flush after the last layer)\n\n"
-        f"{table}\n")
-    write_section("overlap", "1. Per-layer KV transfer vs compute (overlap ratio)", body + OVERLAP_NOTES)
+        f"copies); exposed is EngineStats.kv_exposed_s (the wait in flush after the last layer)\n")
+    publish("overlap", "1. Per-layer KV transfer vs compute (overlap ratio)", header, rows, m, setup, OVERLAP_NOTES,
+            a.no_write)
     return 0
 
 

@@ -28,7 +28,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import aiohttp  # noqa: E402
 
-from _common import STORIES, loadavg, machine, md_table, median, pct, run_header, write_section  # noqa: E402
+from _common import STORIES, loadavg, machine, median, pct, publish  # noqa: E402
 
 PROMPT = "Once upon a time there was a"
 MODES = [("non-streamed, max_tokens 1 (E2E)", False, 1), ("non-streamed, max_tokens 16 (E2E)", False, 16),
@@ -155,19 +155,14 @@ def main() -> int:
     header = ["concurrency", "request", "n direct / router", "direct p50, ms", "router p50, ms",
               "added p50, ms (goal <= 2)", "direct p99, ms", "router p99, ms", "added p99, ms",
               "engine CPU ms/request, direct", "engine CPU ms/request, via router", "router CPU ms/request"]
-    table = md_table(header, rows)
-    print()
-    print(table)
-    if a.no_write:
-        return 0
-    body = run_header(m, loadavg()) + (
+    setup = (
         f"- engine: `microserve engine --model stories260K` (defaults); router: `microserve router --engine URL "
         f"--model stories260K --strategy least_loaded`; client: this process, aiohttp keep-alive, all three on the "
         f"same {os.cpu_count()} cores\n"
         f"- prompt: {PROMPT!r} ({n_tok} tokens), greedy, ignore_eos; closed loop with c workers; {a.blocks} blocks "
-        f"per target alternating direct/router; {a.rounds} round(s) of fresh processes; {elapsed:.0f} s in all\n\n"
-        f"{table}\n")
-    write_section("router", "3. Router overhead, data parallel (least_loaded, one engine)", body + NOTES)
+        f"per target alternating direct/router; {a.rounds} round(s) of fresh processes; {elapsed:.0f} s in all\n")
+    publish("router", "3. Router overhead, data parallel (least_loaded, one engine)", header, rows, m, setup, NOTES,
+            a.no_write)
     return 0
 
 

@@ -38,6 +38,23 @@ def first_number(cell: str) -> float:
     return float(m.group()) if m else float("nan")
 
 
+def axes(figsize: tuple[float, float]):
+    """A matplotlib (figure, axes) on the Agg backend; matplotlib is imported only here."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(figsize=figsize)
+
+
+def finish(name: str, title: str, fig, ax, started: str, cmd: str, header: list[str], rows: list[list[str]]) -> Path:
+    """Legend and title on `ax`, docs/paper/<name>.png from `fig`, then docs/paper/<name>.md (`write`)."""
+    ax.legend(frameon=False)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(DOCS / f"{name}.png", dpi=120)
+    return write(name, title, started, cmd, header, rows)
+
+
 def write(name: str, title: str, started: str, cmd: str, header: list[str], rows: list[list[str]],
           notes: str = "") -> Path:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]

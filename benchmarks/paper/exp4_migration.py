@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from _external import first_number, run, write
-from _sweep import DOCS, now
+from _external import axes, finish, first_number, run
+from _sweep import now
 
 NAME = "exp4_migration"
 TITLE = "Experiment 4: migrating a 1000-token context vs recomputing it"
@@ -23,24 +23,17 @@ def main() -> int:
     a = ap.parse_args()
     started = now()
     cmd, header, rows = run("migration.py", shlex.split(a.args))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     rc, mg = header.index(next(h for h in header if h.startswith("(b)"))), header.index(
         next(h for h in header if h.startswith("(a)")))
     labels = [f"{r[0]}\n{r[1]}" for r in rows]
     x = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(4.5, 2.2 * len(rows)), 3.6))
+    fig, ax = axes(figsize=(max(4.5, 2.2 * len(rows)), 3.6))
     ax.bar([i - 0.2 for i in x], [first_number(r[rc]) for r in rows], 0.4, label="recompute on B")
     ax.bar([i + 0.2 for i in x], [first_number(r[mg]) for r in rows], 0.4, label="migrate A->B, then run on B")
     ax.set_xticks(list(x), labels)
     ax.set_ylabel("time to first token (ms)")
     ax.grid(True, axis="y", linestyle="--", alpha=0.5)
-    ax.legend(frameon=False)
-    ax.set_title(TITLE, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(DOCS / f"{NAME}.png", dpi=120)
-    write(NAME, TITLE, started, cmd, header, rows)
+    finish(NAME, TITLE, fig, ax, started, cmd, header, rows)
     return 0
 
 

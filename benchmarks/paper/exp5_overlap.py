@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import shlex
 
-from _external import first_number, run, write
-from _sweep import DOCS, now
+from _external import axes, finish, first_number, run
+from _sweep import now
 
 NAME = "exp5_overlap"
 TITLE = "Experiment 5: per-layer overlap ratio T_transfer / T_layer"
@@ -23,23 +23,16 @@ def main() -> int:
     a = ap.parse_args()
     started = now()
     cmd, header, rows = run("overlap.py", shlex.split(a.args))
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     col = header.index(next(h for h in header if h.startswith("overlap ratio")))
     xs = [int(r[0]) for r in rows]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = axes(figsize=(5, 3.6))
     ax.plot(xs, [first_number(r[col]) for r in rows], marker="o", label="microserve, CPU (shm)")
     ax.plot(list(PAPER), list(PAPER.values()), marker="s", linestyle="--", label="paper (Llama-70B, H100)")
     ax.set_xlabel("input tokens")
     ax.set_ylabel("overlap ratio (%)")
     ax.set_yscale("symlog", linthresh=1.0)
     ax.grid(True, linestyle="--", alpha=0.5)
-    ax.legend(frameon=False)
-    ax.set_title(TITLE, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(DOCS / f"{NAME}.png", dpi=120)
-    write(NAME, TITLE, started, cmd, header, rows)
+    finish(NAME, TITLE, fig, ax, started, cmd, header, rows)
     return 0
 
 
