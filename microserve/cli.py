@@ -39,8 +39,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="token budget of one step: decodes plus prefill chunks (default: %(default)s)")
     g.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off the radix prefix cache")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="torch SDPA (CPU default) or Triton kernels (CUDA default) (default: %(default)s)")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "triton"],
+                   help="cpu: torch SDPA for prefill + a C++ paged decode kernel compiled on first use (CPU "
+                        "default when a compiler is present); torch: torch SDPA only; triton: Triton kernels "
+                        "(CUDA default) (default: %(default)s)")
     g.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: the cores this process may use, minus one for the HTTP event loop)")
     g.add_argument("--cpu-affinity", default=None, help="pin the engine to these CPU cores, e.g. '0' or '2,3'")
     g = p.add_argument_group("microserving")

@@ -106,7 +106,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 128
     enable_prefix_caching: bool = True
-    attention_backend: str = "auto"  # auto | torch | triton
+    attention_backend: str = "auto"  # auto | cpu | torch | triton
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + activations + KV
     kv_transport: str = "auto"  # auto (shm on CPU, cuda_ipc on CUDA) | shm | nixl | cuda_ipc | none
     recv_lease_s: float = 60.0

@@ -16,6 +16,13 @@ STORIES_HD32 = str(SHARED / "models" / "stories260K-hd32")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+
+def pytest_configure(config):
+    # Build the CPU decode kernel once, here, before tests start engine processes side by side (they
+    # would otherwise queue on the build lock, each inside its start-up timeout).
+    from microserve.attention.cpu_backend import kernel_error
+    kernel_error()
+
 # Most of the story stories260K tells greedily after "The sun was": it ends it (with token 1)
 # within ~20 more tokens, so a request on it finishes with finish_reason "stop".
 STORY_END = ("The sun was shining and the sky was very shiny. It was a big, shiny ball. The sky was very shiny and "

@@ -16,6 +16,7 @@ Token t of sequence i is stored at slot `block_tables[i, t // page_size] * page_
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -68,7 +69,8 @@ class AttentionBackend:
 
 
 def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:
-    """`auto` picks Triton on CUDA when it is importable, else torch SDPA."""
+    """`auto` picks Triton on CUDA when it is importable; on CPU the compiled paged decode kernel
+    when it builds, else torch SDPA."""
     if name == "auto":
         name = "torch"
         if device.type == "cuda":
@@ -77,10 +79,20 @@ def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:
                 name = "triton"
             except ImportError:
                 pass
+        elif device.type == "cpu":
+            from microserve.attention.cpu_backend import kernel_error
+            why = kernel_error()
+            if why is None:
+                name = "cpu"
+            else:
+                logging.getLogger(__name__).warning("CPU attention kernel unavailable, using torch SDPA: %s", why)
     if name == "torch":
         from microserve.attention.torch_backend import TorchSDPABackend
         return TorchSDPABackend(**kw)
+    if name == "cpu":
+        from microserve.attention.cpu_backend import CPUPagedBackend
+        return CPUPagedBackend(**kw)
     if name == "triton":
         from microserve.attention.triton_backend import TritonBackend
         return TritonBackend(**kw)
-    raise ValueError(f"unknown attention backend {name!r} (choose auto, torch or triton)")
+    raise ValueError(f"unknown attention backend {name!r} (choose auto, cpu, torch or triton)")

@@ -1,0 +1,65 @@
+"""The CPU default: torch SDPA for prefill, plus a compiled kernel for decode that reads the paged
+pool in place (csrc/paged_decode.cpp).
+
+The kernel is compiled on first use with torch.utils.cpp_extension (a few seconds, once per machine
+and torch version; later starts load it from the cache in $TORCH_EXTENSIONS_DIR, default
+~/.cache/torch_extensions). Where it cannot be built (no C++ compiler or ninja), `auto` falls back to
+the pure torch backend, which gives the same results more slowly.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+
+import torch
+
+from microserve.attention.base import AttentionMetadata
+from microserve.attention.torch_backend import TorchSDPABackend
+
+log = logging.getLogger(__name__)
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_decode.cpp")
+# Not -ffast-math: in a shared library that can link crtfastmath, which flushes denormals for the
+# whole process. These are the parts of it that let float reductions vectorize.
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+           "-fassociative-math"]
+
+
+@functools.cache
+def kernel_error() -> str | None:
+    """Build (or load from cache) the decode kernel. None when `torch.ops.microserve` has it, else why not."""
+    try:
+        from torch.utils.cpp_extension import load
+        t0 = time.perf_counter()
+        load("microserve_cpu_attention", [_SOURCE], extra_cflags=_CFLAGS, is_python_module=False)
+        took = time.perf_counter() - t0
+        if took > 1.0:  # a build, not a cache hit: say where the pause went
+            log.info("compiled the CPU paged decode kernel in %.1f s (cached for later starts)", took)
+        return None
+    except Exception as e:  # noqa: BLE001 - any build failure means "use the torch path"
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+class CPUPagedBackend(TorchSDPABackend):
+    """TorchSDPABackend with decode served by `torch.ops.microserve.paged_decode_attention`:
+    no gather, no padding, GQA by indexing. fp32 only; other dtypes take the torch path."""
+
+    name = "cpu"
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        why = kernel_error()
+        if why is not None:
+            raise RuntimeError(f"the CPU attention kernel could not be built ({why}); use --attention-backend torch")
+
+    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        if q.dtype != torch.float32 or kv_layer.dtype != torch.float32 or q.device.type != "cpu":
+            return super()._decode(q, kv_layer, meta)
+        nd = meta.num_decodes
+        q = q[:nd].contiguous()
+        out = torch.empty_like(q)
+        torch.ops.microserve.paged_decode_attention(q, kv_layer, meta.block_tables[:nd], meta.seq_lens[:nd],
+                                                    self.scale, out)
+        return out

@@ -1,0 +1,139 @@
+// Paged decode attention for CPU: one query token per sequence, reading K/V in place.
+//
+// The torch backend gathers every sequence's whole context out of the paged pool into a padded
+// dense copy before SDPA, once per layer and step; at serving batch sizes that copy is most of a
+// decode step. This kernel walks each sequence's block table instead, so K and V are read once,
+// where they are, and nothing is padded.
+//
+//   q            [B, Hq, D]              fp32, contiguous; q heads h*G .. h*G+G-1 share kv head h
+//   kv_layer     [2, P, page_size, Hkv, D]  fp32, contiguous (one layer of the pool; 0 = K, 1 = V)
+//   block_tables [B, W] int32            sequence b's token t lives in page block_tables[b][t / page_size]
+//   seq_lens     [B] int32               context length of each sequence, its new token included
+//   out          [B, Hq, D]              written in full
+//
+// Work is split with at::parallel_for, so it shares torch's thread pool (and its thread count)
+// instead of bringing a second OpenMP runtime.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// One sequence, kv heads [h0, h1) and their G query heads each, against `len` context rows. Rows
+// are read whole (all heads of a token are adjacent), which streams better than one head at a time.
+// kD > 0 fixes the head dim at compile time so the inner loops unroll and vectorize; kD == 0 reads
+// it from `d`.
+template <int kD>
+void attend(const float* q, const float* k_pool, const float* v_pool, int64_t num_kv_heads, int64_t h0,
+            int64_t h1, const int32_t* table, int64_t page_size, int64_t len, int64_t groups, int64_t d,
+            float scale, float* scores, float* out) {
+  const int64_t D = kD > 0 ? kD : d;
+  const int64_t row_stride = num_kv_heads * D, q0 = h0 * groups, nq = (h1 - h0) * groups;
+  q += q0 * D;
+  out += q0 * D;
+  // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j, page by page.
+  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
+    const int64_t rows = std::min(page_size, len - t0);
+    const float* kp = k_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* krow = kp + r * row_stride;
+      for (int64_t j = 0; j < nq; ++j) {
+        const float* k = krow + (j / groups) * D;
+        const float* qj = q + j * D;
+        float acc = 0.f;
+        for (int64_t i = 0; i < D; ++i) acc += qj[i] * k[i];
+        scores[j * len + t0 + r] = acc * scale;
+      }
+    }
+  }
+  // Pass 2: softmax over each query head's row.
+  for (int64_t j = 0; j < nq; ++j) {
+    float* s = scores + j * len;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+    float z = 0.f;
+    for (int64_t t = 0; t < len; ++t) {
+      s[t] = std::exp(s[t] - m);
+      z += s[t];
+    }
+    const float inv = 1.f / z;
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+  // Pass 3: out_j = sum_t p[j][t] * v_t.
+  std::fill(out, out + nq * D, 0.f);
+  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
+    const int64_t rows = std::min(page_size, len - t0);
+    const float* vp = v_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* vrow = vp + r * row_stride;
+      for (int64_t j = 0; j < nq; ++j) {
+        const float p = scores[j * len + t0 + r];
+        const float* v = vrow + (j / groups) * D;
+        float* o = out + j * D;
+        for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
+      }
+    }
+  }
+}
+
+template <int kD>
+void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
+         double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
+  const int64_t pages = kv.size(1), page_size = kv.size(2), Hkv = kv.size(3), width = tables.size(1);
+  const int64_t groups = Hq / Hkv;
+  const float* qp = q.data_ptr<float>();
+  const float* k_pool = kv.data_ptr<float>();
+  const float* v_pool = k_pool + pages * page_size * Hkv * D;
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  float* op = out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * page_size, "seq_lens[", b, "] = ", lp[b],
+                " is outside [1, block_tables width * page_size = ", width * page_size, "]");
+  }
+  // A work item is one sequence, all heads; with fewer sequences than threads, one (sequence, kv
+  // head) pair, so a single long decode still uses every thread.
+  const int64_t split = B >= at::get_num_threads() ? 1 : Hkv, per = Hkv / split;
+  at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / split, h0 = (i % split) * per, len = lp[b];
+      scores.resize(per * groups * len);
+      attend<kD>(qp + b * Hq * D, k_pool, v_pool, Hkv, h0, h0 + per, tp + b * width, page_size, len, groups, D,
+                 static_cast<float>(scale), scores.data(), op + b * Hq * D);
+    }
+  });
+}
+
+void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
+                            const at::Tensor& lens, double scale, at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 3 && kv.dim() == 5 && tables.dim() == 2 && lens.dim() == 1, "bad ranks");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
+              "paged_decode_attention is fp32 only");
+  TORCH_CHECK(tables.scalar_type() == at::kInt && lens.scalar_type() == at::kInt, "block_tables/seq_lens must be int32");
+  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && tables.is_contiguous() && lens.is_contiguous() &&
+              out.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == q.size(2) && q.size(1) % kv.size(3) == 0, "shape mismatch");
+  TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "batch mismatch");
+  switch (q.size(2)) {
+    case 32: return run<32>(q, kv, tables, lens, scale, out);
+    case 64: return run<64>(q, kv, tables, lens, scale, out);
+    case 128: return run<128>(q, kv, tables, lens, scale, out);
+    default: return run<0>(q, kv, tables, lens, scale, out);
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(microserve, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor kv_layer, Tensor block_tables, Tensor seq_lens, float scale, "
+        "Tensor(a!) out) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(microserve, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
