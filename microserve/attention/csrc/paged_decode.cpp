@@ -122,6 +122,8 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == q.size(2) && q.size(1) % kv.size(3) == 0, "shape mismatch");
   TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "batch mismatch");
   switch (q.size(2)) {
+    case 8: return run<8>(q, kv, tables, lens, scale, out);
+    case 16: return run<16>(q, kv, tables, lens, scale, out);
     case 32: return run<32>(q, kv, tables, lens, scale, out);
     case 64: return run<64>(q, kv, tables, lens, scale, out);
     case 128: return run<128>(q, kv, tables, lens, scale, out);
