@@ -6,6 +6,8 @@ Every page is in exactly one of three states, which `accounting()` checks:
     total == free + cached (in the prefix tree; `evictable` of them unlocked) + owned (private to a
              running sequence or a parked reservation)
 
+where total leaves out the pages the pool reserved for good (`KVPool.reserve_page`).
+
 A sequence's block table `SeqKV.pages` mixes tree pages (a locked, shared prefix) and private pages:
 
     positions   0 ........ cached_len ............... len(pages) * page_size
@@ -185,7 +187,7 @@ class KVCache:
     # ---- accounting --------------------------------------------------------------------------
     def accounting(self) -> dict[str, int]:
         owned = sum(len(s.private) for s in self._live)
-        return {"total": self.pool.num_pages, "free": self.pool.num_free, "cached": self.tree.num_nodes,
+        return {"total": self.pool.num_usable, "free": self.pool.num_free, "cached": self.tree.num_nodes,
                 "evictable": self.tree.num_evictable, "owned": owned, "live_seqs": len(self._live),
                 "parked": len(self.reservations)}
 

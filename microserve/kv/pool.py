@@ -19,6 +19,7 @@ class KVPool:
         self.kv = kv
         self.num_layers, _, self.num_pages, self.page_size, self.num_kv_heads, self.head_dim = kv.shape
         self._free = list(range(self.num_pages - 1, -1, -1))  # a stack: low page ids go out first
+        self.reserved: list[int] = []  # pages taken out of circulation for good (scratch for padding)
 
     @property
     def num_free(self) -> int:
@@ -34,6 +35,20 @@ class KVPool:
 
     def free(self, pages) -> None:
         self._free.extend(pages)
+
+    def reserve_page(self) -> int:
+        """Take one free page out of circulation for good: `alloc` never hands it out again and the
+        cache does not count it. CUDA-graph decode pads its batches with rows that write here."""
+        pages = self.alloc(1)
+        if pages is None:
+            raise ValueError("no free KV page left to reserve")
+        self.reserved += pages
+        return pages[0]
+
+    @property
+    def num_usable(self) -> int:
+        """Pages sequences can ever hold: all but the reserved ones."""
+        return self.num_pages - len(self.reserved)
 
     def rows(self, layer: int) -> torch.Tensor:
         """Layer `layer` as [2, num_pages * page_size, kv_heads, head_dim]: index by slot."""
