@@ -30,6 +30,9 @@ class AttentionMetadata:
     seq_lens: torch.Tensor  # [B] int32, context length including the new tokens
     block_tables: torch.Tensor  # [B, max_pages] int32, padded with 0
     query_lens_cpu: list[int]  # host copies, so backends need no device sync
+    # For decode rows, backends use seq_lens_cpu only to size launches (grids, gathers), never as the
+    # true lengths, which come from seq_lens: CUDA-graph decode passes an upper bound (the max
+    # context) here, so one captured launch fits every replay.
     seq_lens_cpu: list[int]
     num_decodes: int  # the first num_decodes sequences have exactly one query token
     page_size: int

@@ -18,6 +18,7 @@ import torch
 
 from microserve.attention.base import AttentionMetadata, ForwardContext
 from microserve.config import EngineConfig, ModelConfig, resolve_model_path
+from microserve.engine.cuda_graph import DecodeGraphRunner
 from microserve.engine.request import Request, RequestOutput, Status
 from microserve.engine.runner import ModelRunner
 from microserve.engine.sampling import SamplingParams, sample
@@ -91,10 +92,15 @@ class Engine:
         self.transport = make_transport(transport)
         self.pool = KVPool(self.transport.allocate(shape, self.dtype, self.device))
         self.cache = KVCache(self.pool, c.enable_prefix_caching, c.recv_lease_s)
+        graphs = self._use_decode_graphs()
         self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
-                                 num_pages * c.page_size)
+                                 (num_pages - graphs) * c.page_size)  # graphs reserve a scratch page
         self.scheduler = Scheduler(self.cache, c.max_num_batched_tokens, c.max_num_seqs)
         self.runner = ModelRunner(self.model, self.pool, self.transport, self.device)
+        if graphs:
+            self.runner.decode_graphs = DecodeGraphRunner(self.model, self.pool, self.device, c.max_num_seqs,
+                                                          self.max_model_len)
+            self.runner.decode_graphs.capture()
         self.requests: dict[str, Request] = {}
         self.stats = EngineStats()
         self._sent_since_flush = False
@@ -124,6 +130,20 @@ class Engine:
             return 0
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_allocated(self.device)
+
+    def _use_decode_graphs(self) -> bool:
+        """Decode steps replay CUDA graphs on CUDA unless `enforce_eager`, and only where the Triton
+        kernels run attention: the torch backend sizes its decode gather by the host-side lengths,
+        which a graph fixes at the max context (correct, but it would gather that much every step)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return False
+        mc, backend = self.model_config, self.model.layers[0].self_attn.backend
+        q = torch.empty(1, mc.num_heads, mc.head_dim, dtype=self.dtype, device=self.device)
+        why = backend.unsupported(q, q) if backend.name == "triton" else f"attention backend {backend.name!r}"
+        if why is not None:
+            log.info("decode runs eagerly, without CUDA graphs: %s", why)
+            return False
+        return True
 
     # ---- plain generation ---------------------------------------------------------------------
     def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:

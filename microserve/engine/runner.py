@@ -3,8 +3,13 @@
 It also installs the per-layer send hook: for every sequence with a send window, the slots of this
 step's new tokens that fall inside the window are handed to the transport right after each layer
 stores its K/V, so the copy runs while the rest of that layer (and the next ones) compute.
+
+On CUDA, decode-only steps without a send hook go to `decode_graphs` (a `DecodeGraphRunner`), which
+replays a captured CUDA graph instead of launching the model's kernels one by one.
 """
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -15,10 +20,15 @@ from microserve.kv.pool import KVPool, slots_for
 from microserve.model.llama import LlamaForCausalLM
 from microserve.transfer.base import KVTransport
 
+if TYPE_CHECKING:
+    from microserve.engine.cuda_graph import DecodeGraphRunner
+
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, pool: KVPool, transport: KVTransport, device: torch.device) -> None:
+    def __init__(self, model: LlamaForCausalLM, pool: KVPool, transport: KVTransport, device: torch.device,
+                 decode_graphs: DecodeGraphRunner | None = None) -> None:
         self.model, self.pool, self.transport, self.device = model, pool, transport, device
+        self.decode_graphs = decode_graphs
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
         return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
@@ -48,6 +58,12 @@ class ModelRunner:
                 lo, hi = max(start, w.begin), min(stop, w.end)
                 sends.append((req_slots[lo - start:hi - start], w.dst_slots[lo - w.begin:hi - w.begin], w.remote))
         width = max(len(t) for t in tables)
+        graphs = self.decode_graphs
+        # A graph cannot call the send hook between layers, and it is captured for one token per row.
+        if (graphs is not None and not sends and num_decodes == len(qlens)
+                and graphs.fits(len(qlens), max(slens), width)):
+            logits = graphs.run(ids, pos, slots, slens, tables, sample_rows)
+            return (logits if sample_rows else None), sample_reqs, False
         meta = AttentionMetadata(
             slot_mapping=self._tensor(slots),
             query_start_loc=self._tensor([0] + list(_cumsum(qlens)), torch.int32),
