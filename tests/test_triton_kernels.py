@@ -22,7 +22,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = HERE / "triton_kernel_checks.py"
-GROUPS = ["store", "prefill", "decode", "backend", "chunks", "fallback", "engine"]
+GROUPS = ["store", "prefill", "decode", "backend", "chunks", "fallback", "engine", "graph"]
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 

@@ -260,6 +260,66 @@ def case_engine() -> tuple[float, str]:
     return (0.0 if ok else float("inf")), f"triton={a} torch={b} kernels_used={used_kernels} cached={cached}"
 
 
+def case_graph_grid(ps: int, hkv: int, group: int, D: int, part_len: int) -> tuple[float, str]:
+    """What a captured decode launches: a split-KV grid sized for a max context (4096) far past
+    every sequence, plus padding rows (seq_len 1) as the CUDA-graph runner adds them. Partitions
+    past a sequence's end must change nothing: real rows equal the torch reference."""
+    from microserve.attention import triton_kernels as tk
+    specs = [(1, 3), (1, 150), (1, 64), (1, 201), (1, 1), (1, 1)]  # the last two: padding rows
+    kv, meta, q, k, v = make_batch(specs, ps, hkv, group, D, seed=11 * ps + D + group)
+    scale = D ** -0.5
+    ref = reference(kv, meta, q, k, v, hkv, scale)
+    torch_store_kv(kv[0], k, v, meta.slot_mapping)
+    out = torch.full_like(q, float("nan"))
+    n = tk.decode_attention(q, kv[0], out, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                            meta.num_decodes, 4096, scale, part_len=part_len)
+    return rel_err(out[:4], ref[:4]), f"splits={n} (grid for 4096 tokens; longest sequence 201)"
+
+
+def case_graph_engine() -> tuple[float, str]:
+    """The embedded model on the triton backend: decode through DecodeGraphRunner without capture
+    (static buffers, batches padded to buckets, grids sized for the max context) gives the eager
+    engine's greedy tokens and logits."""
+    from microserve.config import EngineConfig
+    from microserve.engine.cuda_graph import DecodeGraphRunner
+    from microserve.engine.engine import Engine
+    from microserve.engine.sampling import SamplingParams
+
+    runs: list[int] = []
+
+    def run(graphs: bool) -> tuple[list[list[int]], list[torch.Tensor]]:
+        eng = Engine(EngineConfig(model="embedded", attention_backend="triton", kv_transport="none", device=DEVICE,
+                                  dtype="float32", page_size=16, num_pages=64, max_num_seqs=8))
+        if graphs:
+            eng.runner.decode_graphs = DecodeGraphRunner(eng.model, eng.pool, eng.device, 8, eng.max_model_len)
+        vocab = eng.model_config.vocab_size
+        logits: list[torch.Tensor] = []
+        run_step = eng.runner.run
+
+        def recording(batch):
+            out = run_step(batch)
+            if out[0] is not None:
+                logits.append(out[0].clone())
+            return out
+        eng.runner.run = recording
+        outs: dict[str, list[int]] = {}
+        for i, L in enumerate([5, 30, 17]):  # 3 decodes: bucket 4, one padding row
+            prompt = [(5 * j + i) % (vocab - 3) + 3 for j in range(L)]
+            eng.add_request(str(i), prompt, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        while eng.has_work():
+            for o in eng.step():
+                outs.setdefault(o.rid, []).extend(o.new_token_ids)
+        if graphs:
+            runs.append(eng.runner.decode_graphs.num_runs)
+        eng.close()
+        return [outs[r] for r in sorted(outs)], logits
+
+    (a, la), (b, lb) = run(True), run(False)
+    ok = a == b and runs and runs[0] > 0 and len(la) == len(lb)
+    err = max(rel_err(x, y) for x, y in zip(la, lb)) if ok else float("inf")
+    return err, f"graphs={a} eager={b} padded_steps={runs}"
+
+
 GROUPS = {
     "store": [(f"store ps={ps} hkv={h} D={d}", case_store, (ps, h, d))
               for ps, h, d in [(16, 2, 64), (64, 1, 128), (256, 4, 16)]],
@@ -279,6 +339,9 @@ GROUPS = {
                for ps, g, d in [(16, 2, 64), (32, 1, 128), (64, 4, 64)]],
     "fallback": [("fallback fp64", case_fallback, ())],
     "engine": [("engine embedded model triton == torch", case_engine, ())],
+    "graph": [(f"graph grid ps={ps} gqa={g} D={d} part={p}", case_graph_grid, (ps, 2, g, d, p))
+              for ps, g, d, p in [(16, 2, 64, 256), (32, 4, 128, 64), (16, 1, 16, 4096)]]
+             + [("graph runner embedded model padded == eager", case_graph_engine, ())],
 }
 TOL = {"bfloat16": 2e-2, "float16": 5e-3}
 
