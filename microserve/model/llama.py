@@ -24,11 +24,13 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, rope: RotaryEmbedding,
-                ctx: ForwardContext) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q, k = rope(positions, q.view(-1, self.nh, self.hd), k.view(-1, self.nkv, self.hd))
-        o = self.backend.forward(self.layer, q, k, v.view(-1, self.nkv, self.hd), ctx)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        # q and k heads are adjacent in qkv: rotate them in one go
+        qk = RotaryEmbedding.apply(qkv[:, :self.q_size + self.kv_size].view(-1, self.nh + self.nkv, self.hd), *rope)
+        q, k = qk[:, :self.nh], qk[:, self.nh:]
+        v = qkv[:, self.q_size + self.kv_size:].view(-1, self.nkv, self.hd)
+        o = self.backend.forward(self.layer, q, k, v, ctx)
         return self.o_proj(o.reshape(-1, self.q_size))
 
 
@@ -50,8 +52,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, rope, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rope, ctx)
+    def forward(self, x, rope, ctx):
+        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -77,8 +79,9 @@ class LlamaForCausalLM(nn.Module):
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits for the rows in `logits_indices` (all if None)."""
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.table(positions, x.dtype)  # once per forward, shared by every layer
         for layer in self.layers:
-            x = layer(x, positions, self.rotary, ctx)
+            x = layer(x, rope, ctx)
         if logits_indices is not None:
             x = x[logits_indices]
         return self.lm_head(self.norm(x)).float()
