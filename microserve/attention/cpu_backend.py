@@ -9,8 +9,10 @@ the pure torch backend, which gives the same results more slowly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
+import platform
 import time
 
 import torch
@@ -27,13 +29,25 @@ _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "page
 _CFLAGS = ["-O3", "-march=native", "-ffast-math"]
 
 
+def _build_name() -> str:
+    """-march=native code must not be loaded on another CPU that shares the cache directory, so the
+    cached build is keyed by this CPU's feature flags too."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"microserve_cpu_attention_{hashlib.sha1(flags.encode()).hexdigest()[:10]}"
+
+
 @functools.cache
 def kernel_error() -> str | None:
     """Build (or load from cache) the decode kernel. None when `torch.ops.microserve` has it, else why not."""
     try:
         from torch.utils.cpp_extension import load
         t0 = time.perf_counter()
-        load("microserve_cpu_attention", [_SOURCE], extra_cflags=_CFLAGS, is_python_module=False)
+        load(_build_name(), [_SOURCE], extra_cflags=_CFLAGS, is_python_module=False)
         took = time.perf_counter() - t0
         if took > 1.0:  # a build, not a cache hit: say where the pause went
             log.info("compiled the CPU paged decode kernel in %.1f s (cached for later starts)", took)
