@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
 import shutil
@@ -388,3 +389,18 @@ def test_models_and_health(server):
     a = h["kv"]
     assert a["free"] + a["cached"] + a["owned"] == a["total"]
     assert metric(server, "microserve_kv_pages_total") == a["total"]
+
+
+def test_keep_freed_memory_respects_user_malloc_settings(monkeypatch):
+    """The server tunes glibc malloc (process.keep_freed_memory) unless the user already did."""
+    import platform
+
+    from microserve.server.process import keep_freed_memory
+    for k in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    if platform.libc_ver()[0] != "glibc":
+        assert keep_freed_memory() is False
+        return
+    assert keep_freed_memory() is True
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert keep_freed_memory() is False

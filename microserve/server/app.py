@@ -15,6 +15,7 @@ from microserve.engine.engine import Engine
 from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import MicroservingAPI
 from microserve.server.openai_api import OpenAIAPI
+from microserve.server.process import freeze_startup_objects, keep_freed_memory
 from microserve.web import error_middleware, run_app, serve_until_signal
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,10 @@ async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = Fa
     t0 = time.perf_counter()
     if config.num_threads is None:  # leave a core to the event loop (HTTP, streaming), as vLLM does
         config.num_threads = max(1, len(os.sched_getaffinity(0)) - 1)
+    keep_freed_memory()
     engine = Engine(config)
     app = build_app(engine, debug_api)
+    freeze_startup_objects()
     runner = await run_app(app, host, port)
     a = engine.cache.accounting()
     log.info("engine ready in %.2fs: model %s (%s, %s on %s), %d KV pages x %d tokens, transport %s, "
