@@ -5,15 +5,15 @@ sequence's whole padded context out of the paged pool (`kv_layer[:, block_tables
 [2, B, pages*page_size, H, D] copy) and then runs SDPA with a boolean mask and enable_gqa. This times
 that against variants that keep the same paged pool and the same results:
 
-  current        kv_layer[:, block_tables[:, :n]] + SDPA(mask, enable_gqa)   (what the engine does)
+  current        kv_layer[:, block_tables[:, :n]] + SDPA(mask, enable_gqa)   (the torch backend)
   flat_idx       slot indices computed once per step, index_select on the flat [2, S, H, D] view
                  into a buffer allocated once (out=), + SDPA(mask, enable_gqa)
   flat_idx_math  same gather, attention as GQA-grouped matmuls (q [B,Hkv,G,D] @ k^T), masked softmax
   gather_only    the current gather alone (to split gather from attention)
   sdpa_contig    SDPA alone on K/V that are already contiguous per sequence (no gather at all)
-  cpp_paged      a naive C++/OpenMP paged decode kernel (compiled here with torch.utils.cpp_extension,
-                 -O3 -march=native -ffast-math) that reads K/V in place through the block table: no copy, no
-                 padding, GQA by indexing. A reference for what a fused kernel buys, not tuned.
+  engine_kernel  the engine's CPU decode kernel (`--attention-backend cpu`, the CPU default since it
+                 landed): reads K/V in place through the block table, no copy, no padding, GQA by
+                 indexing (microserve/attention/csrc/paged_decode.cpp).
 
     python benchmarks/decode_attention_micro.py --threads 1
 """
@@ -76,53 +76,14 @@ def flat_idx_math(q, kv_layer, slots, mask, max_len, scale, buf):
     return torch.matmul(torch.softmax(s, -1), v).reshape(B, Hq, D)
 
 
-CPP = r"""
-#include <torch/extension.h>
-#include <vector>
-#include <cmath>
-torch::Tensor paged_decode(torch::Tensor q, torch::Tensor kv, torch::Tensor bt, torch::Tensor lens, double scale) {
-  // q [B, Hq, D] fp32 contiguous; kv [2, P, ps, Hkv, D]; bt [B, maxp] int32; lens [B] int32
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t P = kv.size(1), ps = kv.size(2), Hkv = kv.size(3), G = Hq / Hkv, maxp = bt.size(1);
-  auto out = torch::empty_like(q);
-  const float* qp = q.data_ptr<float>(); const float* kp = kv.data_ptr<float>();
-  const float* vp = kp + P * ps * Hkv * D;
-  const int* btp = bt.data_ptr<int>(); const int* lp = lens.data_ptr<int>(); float* op = out.data_ptr<float>();
-  #pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < B; b++) for (int64_t h = 0; h < Hkv; h++) {
-    const int64_t L = lp[b];
-    std::vector<float> s(G * L), acc(G * D, 0.f);
-    for (int64_t t = 0; t < L; t++) {
-      const float* k = kp + ((int64_t)btp[b * maxp + t / ps] * ps + t % ps) * Hkv * D + h * D;
-      for (int64_t g = 0; g < G; g++) {
-        const float* qq = qp + (b * Hq + h * G + g) * D; float x = 0.f;
-        for (int64_t d = 0; d < D; d++) x += qq[d] * k[d];
-        s[g * L + t] = x * (float)scale;
-      }
-    }
-    for (int64_t g = 0; g < G; g++) {
-      float m = -INFINITY, z = 0.f;
-      for (int64_t t = 0; t < L; t++) m = std::max(m, s[g * L + t]);
-      for (int64_t t = 0; t < L; t++) { s[g * L + t] = std::exp(s[g * L + t] - m); z += s[g * L + t]; }
-      for (int64_t t = 0; t < L; t++) s[g * L + t] /= z;
-    }
-    for (int64_t t = 0; t < L; t++) {
-      const float* v = vp + ((int64_t)btp[b * maxp + t / ps] * ps + t % ps) * Hkv * D + h * D;
-      for (int64_t g = 0; g < G; g++) { const float w = s[g * L + t]; float* a = acc.data() + g * D;
-        for (int64_t d = 0; d < D; d++) a[d] += w * v[d]; }
-    }
-    for (int64_t g = 0; g < G; g++) std::copy(acc.begin() + g * D, acc.begin() + (g + 1) * D, op + (b * Hq + h * G + g) * D);
-  }
-  return out;
-}
-"""
-
-
-def load_cpp():
-    from torch.utils.cpp_extension import load_inline
-    return load_inline("paged_decode_ref_fm", cpp_sources=CPP, functions=["paged_decode"],
-                       extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+def load_kernel():
+    """The engine's own CPU decode kernel (microserve/attention/csrc/paged_decode.cpp), or None."""
+    from microserve.attention.cpu_backend import kernel_error
+    why = kernel_error()
+    if why is not None:
+        print(f"# engine kernel unavailable: {why}")
+        return None
+    return torch.ops.microserve.paged_decode_attention
 
 
 def bench(fn, reps):
@@ -140,13 +101,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--no-cpp", action="store_true", help="skip the C++ reference kernel (needs a compiler)")
+    ap.add_argument("--no-kernel", action="store_true", help="skip the engine kernel (it needs a C++ compiler)")
     a = ap.parse_args()
-    cpp = None if a.no_cpp else load_cpp()
+    kernel = None if a.no_kernel else load_kernel()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     print(f"threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}; median ms per layer call over {a.reps} reps")
-    print("| case | B | ctx | Hq/Hkv | D | current | gather_only | flat_idx | flat_idx_math | sdpa_contig | cpp_paged "
+    print("| case | B | ctx | Hq/Hkv | D | current | gather_only | flat_idx | flat_idx_math | sdpa_contig | engine_kernel "
           "| max abs diff |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     cases = [("stories260K-hd32 rate inf", 64, 264, 8, 4, 32), ("stories260K batch 16", 16, 256, 8, 4, 8),
@@ -162,6 +123,11 @@ def main():
         q = torch.randn(B, Hq, D)
         scale = D ** -0.5
         buf = torch.empty(2, B * max_len, Hkv, D)
+        out = torch.empty_like(q)
+
+        def engine(q, kv, bt, lens, scale):
+            kernel(q, kv, bt, lens, scale, out)
+            return out
         ref = current(q, kv, bt, lens, max_len, scale)
 
         def fi():
@@ -180,13 +146,13 @@ def main():
                                                   scale=scale, enable_gqa=True).squeeze(2)
 
         outs = [fi(), fm(), sc()]
-        if cpp is not None:
-            outs.append(cpp.paged_decode(q, kv, bt, lens, scale))
+        if kernel is not None:
+            outs.append(engine(q, kv, bt, lens, scale))
         diff = max((o - ref).abs().max().item() for o in outs)
         t = [bench(lambda: current(q, kv, bt, lens, max_len, scale), a.reps),
              bench(lambda: gather_only(q, kv, bt, lens, max_len, scale), a.reps), bench(fi, a.reps), bench(fm, a.reps),
              bench(sc, a.reps),
-             bench(lambda: cpp.paged_decode(q, kv, bt, lens, scale), a.reps) if cpp is not None else float("nan")]
+             bench(lambda: engine(q, kv, bt, lens, scale), a.reps) if kernel is not None else float("nan")]
         print(f"| {name} | {B} | {L} | {Hq}/{Hkv} | {D} | " + " | ".join(f"{x:.3f}" for x in t) + f" | {diff:.1e} |")
 
 
