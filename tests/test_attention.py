@@ -1,7 +1,8 @@
 """The CPU attention backends agree with fp32 SDPA over the same paged context:
 - the torch backend's half-precision decode path (two matmuls, fp32 softmax);
 - the compiled paged decode kernel (cpu backend), for several head dims, GQA ratios, page sizes and
-  lengths, with every output element written, alone and in a batch that also has prefill chunks."""
+  lengths, with every output element written, alone and in a batch that also has prefill chunks,
+  and on bf16/fp16 pools."""
 from __future__ import annotations
 
 import pytest
@@ -60,6 +61,22 @@ def test_cpu_kernel_decode_matches_torch(d, hq, hkv, ps):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,hq,hkv", [(32, 8, 4), (64, 4, 4), (24, 8, 2)])
+def test_cpu_kernel_half_decode_matches_fp32(dtype, d, hq, hkv):
+    """Half-precision pools: K/V widened to fp32 as read, so the result is the fp32 one rounded
+    (against the torch backend's fp32 SDPA on the same rounded inputs)."""
+    q, k_new, v_new, kv, meta = decode_batch([1, 5, 37, 130, 64], hq, hkv, d, 16)
+    q, k_new, v_new, kv = (t.to(dtype) for t in (q, k_new, v_new, kv))
+    ref = TorchSDPABackend(hq, hkv, d, d ** -0.5).forward(
+        0, q.float(), k_new.float(), v_new.float(), ForwardContext(meta, kv.float()))
+    out = CPUPagedBackend(hq, hkv, d, d ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    assert out.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # one rounding of outputs of magnitude < 4
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@needs_kernel
 def test_cpu_backend_mixed_batch_matches_torch():
     """Decodes first, then a prefill chunk over a cached prefix and a fresh prompt, as the runner
     lays them out: only the decode rows go to the kernel, and all rows agree with the torch backend."""
@@ -89,7 +106,9 @@ def test_cpu_kernel_rejects_bad_input():
     op = torch.ops.microserve.paged_decode_attention
     with pytest.raises(RuntimeError, match="outside"):  # a length beyond the block table would read past it
         op(q, kv[0], meta.block_tables, torch.tensor([5, 33], dtype=torch.int32), 1.0, out)
-    with pytest.raises(RuntimeError, match="fp32"):
-        op(q.double(), kv[0], meta.block_tables, meta.seq_lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(q.bfloat16(), kv[0], meta.block_tables, meta.seq_lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="supports fp32, bf16 and fp16"):
+        op(q.double(), kv[0].double(), meta.block_tables, meta.seq_lens, 1.0, out.double())
     with pytest.raises(RuntimeError, match="int32"):
         op(q, kv[0], meta.block_tables.long(), meta.seq_lens, 1.0, out)

@@ -22,6 +22,7 @@ from microserve.attention.torch_backend import TorchSDPABackend
 
 log = logging.getLogger(__name__)
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_decode.cpp")
 # -ffast-math lets the float reductions and expf vectorize (glibc's libmvec). It is a compile flag
 # only: cpp_extension links without it, so crtfastmath (which would flush denormals for the whole
@@ -58,7 +59,8 @@ def kernel_error() -> str | None:
 
 class CPUPagedBackend(TorchSDPABackend):
     """TorchSDPABackend with decode served by `torch.ops.microserve.paged_decode_attention`:
-    no gather, no padding, GQA by indexing. fp32 only; other dtypes take the torch path."""
+    no gather, no padding, GQA by indexing. fp32, bf16 and fp16 (math in fp32); a pool whose dtype
+    differs from q's takes the torch path."""
 
     name = "cpu"
 
@@ -69,7 +71,7 @@ class CPUPagedBackend(TorchSDPABackend):
             raise RuntimeError(f"the CPU attention kernel could not be built ({why}); use --attention-backend torch")
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if q.dtype != torch.float32 or kv_layer.dtype != torch.float32 or q.device.type != "cpu":
+        if q.dtype not in _KERNEL_DTYPES or kv_layer.dtype != q.dtype or q.device.type != "cpu":
             return super()._decode(q, kv_layer, meta)
         nd = meta.num_decodes
         q = q[:nd].contiguous()

@@ -5,11 +5,13 @@
 // decode step. This kernel walks each sequence's block table instead, so K and V are read once,
 // where they are, and nothing is padded.
 //
-//   q            [B, Hq, D]              fp32, contiguous; q heads h*G .. h*G+G-1 share kv head h
-//   kv_layer     [2, P, page_size, Hkv, D]  fp32, contiguous (one layer of the pool; 0 = K, 1 = V)
+//   q            [B, Hq, D]              contiguous; q heads h*G .. h*G+G-1 share kv head h
+//   kv_layer     [2, P, page_size, Hkv, D]  contiguous (one layer of the pool; 0 = K, 1 = V)
 //   block_tables [B, W] int32            sequence b's token t lives in page block_tables[b][t / page_size]
 //   seq_lens     [B] int32               context length of each sequence, its new token included
 //   out          [B, Hq, D]              written in full
+// q, kv_layer and out share one dtype: fp32, bf16 or fp16. Math is fp32 throughout (half-precision
+// K/V rows are widened as they are read), so only the inputs and the final store are rounded.
 //
 // Work is split with at::parallel_for, so it shares torch's thread pool (and its thread count)
 // instead of bringing a second OpenMP runtime.
@@ -26,27 +28,25 @@ namespace {
 
 // One sequence, kv heads [h0, h1) and their G query heads each, against `len` context rows. Rows
 // are read whole (all heads of a token are adjacent), which streams better than one head at a time.
-// kD > 0 fixes the head dim at compile time so the inner loops unroll and vectorize; kD == 0 reads
-// it from `d`.
-template <int kD>
-void attend(const float* q, const float* k_pool, const float* v_pool, int64_t num_kv_heads, int64_t h0,
-            int64_t h1, const int32_t* table, int64_t page_size, int64_t len, int64_t groups, int64_t d,
-            float scale, float* scores, float* out) {
+// q and out are fp32 (the caller converts); K/V rows are of type T. kD > 0 fixes the head dim at
+// compile time so the inner loops unroll and vectorize; kD == 0 reads it from `d`.
+template <typename T, int kD>
+void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_heads, int64_t h0, int64_t h1,
+            const int32_t* table, int64_t page_size, int64_t len, int64_t groups, int64_t d, float scale,
+            float* scores, float* out) {
   const int64_t D = kD > 0 ? kD : d;
-  const int64_t row_stride = num_kv_heads * D, q0 = h0 * groups, nq = (h1 - h0) * groups;
-  q += q0 * D;
-  out += q0 * D;
+  const int64_t row_stride = num_kv_heads * D, nq = (h1 - h0) * groups;
   // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j, page by page.
   for (int64_t t0 = 0; t0 < len; t0 += page_size) {
     const int64_t rows = std::min(page_size, len - t0);
-    const float* kp = k_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
+    const T* kp = k_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* krow = kp + r * row_stride;
+      const T* krow = kp + r * row_stride;
       for (int64_t j = 0; j < nq; ++j) {
-        const float* k = krow + (j / groups) * D;
+        const T* k = krow + (j / groups) * D;
         const float* qj = q + j * D;
         float acc = 0.f;
-        for (int64_t i = 0; i < D; ++i) acc += qj[i] * k[i];
+        for (int64_t i = 0; i < D; ++i) acc += qj[i] * static_cast<float>(k[i]);
         scores[j * len + t0 + r] = acc * scale;
       }
     }
@@ -68,66 +68,80 @@ void attend(const float* q, const float* k_pool, const float* v_pool, int64_t nu
   std::fill(out, out + nq * D, 0.f);
   for (int64_t t0 = 0; t0 < len; t0 += page_size) {
     const int64_t rows = std::min(page_size, len - t0);
-    const float* vp = v_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
+    const T* vp = v_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
     for (int64_t r = 0; r < rows; ++r) {
-      const float* vrow = vp + r * row_stride;
+      const T* vrow = vp + r * row_stride;
       for (int64_t j = 0; j < nq; ++j) {
         const float p = scores[j * len + t0 + r];
-        const float* v = vrow + (j / groups) * D;
+        const T* v = vrow + (j / groups) * D;
         float* o = out + j * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += p * v[i];
+        for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(v[i]);
       }
     }
   }
 }
 
-template <int kD>
+template <typename T, int kD>
 void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
          double scale, at::Tensor& out) {
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t pages = kv.size(1), page_size = kv.size(2), Hkv = kv.size(3), width = tables.size(1);
   const int64_t groups = Hq / Hkv;
-  const float* qp = q.data_ptr<float>();
-  const float* k_pool = kv.data_ptr<float>();
-  const float* v_pool = k_pool + pages * page_size * Hkv * D;
+  const T* qp = q.data_ptr<T>();
+  const T* k_pool = kv.data_ptr<T>();
+  const T* v_pool = k_pool + pages * page_size * Hkv * D;
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
-  float* op = out.data_ptr<float>();
+  T* op = out.data_ptr<T>();
   for (int64_t b = 0; b < B; ++b) {
     TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * page_size, "seq_lens[", b, "] = ", lp[b],
                 " is outside [1, block_tables width * page_size = ", width * page_size, "]");
   }
   // A work item is one sequence, all heads; with fewer sequences than threads, one (sequence, kv
   // head) pair, so a single long decode still uses every thread.
-  const int64_t split = B >= at::get_num_threads() ? 1 : Hkv, per = Hkv / split;
+  const int64_t split = B >= at::get_num_threads() ? 1 : Hkv, per = Hkv / split, nq = per * groups;
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
+    std::vector<float> scores, qf(nq * D), of(nq * D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / split, h0 = (i % split) * per, len = lp[b];
-      scores.resize(per * groups * len);
-      attend<kD>(qp + b * Hq * D, k_pool, v_pool, Hkv, h0, h0 + per, tp + b * width, page_size, len, groups, D,
-                 static_cast<float>(scale), scores.data(), op + b * Hq * D);
+      const int64_t head = (b * Hq + h0 * groups) * D;  // first element of this item's q heads
+      for (int64_t e = 0; e < nq * D; ++e) qf[e] = static_cast<float>(qp[head + e]);
+      scores.resize(nq * len);
+      attend<T, kD>(qf.data(), k_pool, v_pool, Hkv, h0, h0 + per, tp + b * width, page_size, len, groups, D,
+                    static_cast<float>(scale), scores.data(), of.data());
+      for (int64_t e = 0; e < nq * D; ++e) op[head + e] = static_cast<T>(of[e]);
     }
   });
+}
+
+template <typename T>
+void run_dtype(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
+               double scale, at::Tensor& out) {
+  switch (q.size(2)) {
+    case 8: return run<T, 8>(q, kv, tables, lens, scale, out);
+    case 16: return run<T, 16>(q, kv, tables, lens, scale, out);
+    case 32: return run<T, 32>(q, kv, tables, lens, scale, out);
+    case 64: return run<T, 64>(q, kv, tables, lens, scale, out);
+    case 128: return run<T, 128>(q, kv, tables, lens, scale, out);
+    default: return run<T, 0>(q, kv, tables, lens, scale, out);
+  }
 }
 
 void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
                             const at::Tensor& lens, double scale, at::Tensor& out) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 5 && tables.dim() == 2 && lens.dim() == 1, "bad ranks");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && kv.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat,
-              "paged_decode_attention is fp32 only");
+  TORCH_CHECK(kv.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
+              "q, kv_layer and out must share one dtype");
   TORCH_CHECK(tables.scalar_type() == at::kInt && lens.scalar_type() == at::kInt, "block_tables/seq_lens must be int32");
   TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && tables.is_contiguous() && lens.is_contiguous() &&
               out.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == q.size(2) && q.size(1) % kv.size(3) == 0, "shape mismatch");
   TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "batch mismatch");
-  switch (q.size(2)) {
-    case 8: return run<8>(q, kv, tables, lens, scale, out);
-    case 16: return run<16>(q, kv, tables, lens, scale, out);
-    case 32: return run<32>(q, kv, tables, lens, scale, out);
-    case 64: return run<64>(q, kv, tables, lens, scale, out);
-    case 128: return run<128>(q, kv, tables, lens, scale, out);
-    default: return run<0>(q, kv, tables, lens, scale, out);
+  switch (q.scalar_type()) {
+    case at::kFloat: return run_dtype<float>(q, kv, tables, lens, scale, out);
+    case at::kBFloat16: return run_dtype<at::BFloat16>(q, kv, tables, lens, scale, out);
+    case at::kHalf: return run_dtype<at::Half>(q, kv, tables, lens, scale, out);
+    default: TORCH_CHECK(false, "paged_decode_attention supports fp32, bf16 and fp16, not ", q.scalar_type());
   }
 }
 
