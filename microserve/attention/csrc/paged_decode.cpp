@@ -26,6 +26,24 @@
 
 namespace {
 
+// Calls f(t, row) for context positions t = 0 .. len-1 in order, where row points at token t's
+// first element of kv head h0 in `pool` (one K or V plane of a layer):
+//
+//   position t:   [ page 0: 0 .. ps-1 ][ page 1: ps .. 2ps-1 ] ... [ last page: .. len-1 ]
+//   page id:        table[0]              table[1]                   table[(len-1) / ps]
+//   row of t:     pool + (table[t / ps] * ps + t % ps) * row_stride + h0 * D
+//
+// Pages are walked whole, so inside a page the rows are adjacent (row_stride apart).
+template <typename T, typename F>
+inline void for_each_row(const T* pool, const int32_t* table, int64_t page_size, int64_t len, int64_t row_stride,
+                         int64_t head_offset, F&& f) {
+  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
+    const int64_t rows = std::min(page_size, len - t0);
+    const T* page = pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + head_offset;
+    for (int64_t r = 0; r < rows; ++r) f(t0 + r, page + r * row_stride);
+  }
+}
+
 // One sequence, kv heads [h0, h1) and their G query heads each, against `len` context rows. Rows
 // are read whole (all heads of a token are adjacent), which streams better than one head at a time.
 // q and out are fp32 (the caller converts); K/V rows are of type T. kD > 0 fixes the head dim at
@@ -36,21 +54,16 @@ void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_hea
             float* scores, float* out) {
   const int64_t D = kD > 0 ? kD : d;
   const int64_t row_stride = num_kv_heads * D, nq = (h1 - h0) * groups;
-  // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j, page by page.
-  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
-    const int64_t rows = std::min(page_size, len - t0);
-    const T* kp = k_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* krow = kp + r * row_stride;
-      for (int64_t j = 0; j < nq; ++j) {
-        const T* k = krow + (j / groups) * D;
-        const float* qj = q + j * D;
-        float acc = 0.f;
-        for (int64_t i = 0; i < D; ++i) acc += qj[i] * static_cast<float>(k[i]);
-        scores[j * len + t0 + r] = acc * scale;
-      }
+  // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j.
+  for_each_row(k_pool, table, page_size, len, row_stride, h0 * D, [&](int64_t t, const T* krow) {
+    for (int64_t j = 0; j < nq; ++j) {
+      const T* k = krow + (j / groups) * D;
+      const float* qj = q + j * D;
+      float acc = 0.f;
+      for (int64_t i = 0; i < D; ++i) acc += qj[i] * static_cast<float>(k[i]);
+      scores[j * len + t] = acc * scale;
     }
-  }
+  });
   // Pass 2: softmax over each query head's row.
   for (int64_t j = 0; j < nq; ++j) {
     float* s = scores + j * len;
@@ -66,19 +79,14 @@ void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_hea
   }
   // Pass 3: out_j = sum_t p[j][t] * v_t.
   std::fill(out, out + nq * D, 0.f);
-  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
-    const int64_t rows = std::min(page_size, len - t0);
-    const T* vp = v_pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + h0 * D;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* vrow = vp + r * row_stride;
-      for (int64_t j = 0; j < nq; ++j) {
-        const float p = scores[j * len + t0 + r];
-        const T* v = vrow + (j / groups) * D;
-        float* o = out + j * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(v[i]);
-      }
+  for_each_row(v_pool, table, page_size, len, row_stride, h0 * D, [&](int64_t t, const T* vrow) {
+    for (int64_t j = 0; j < nq; ++j) {
+      const float p = scores[j * len + t];
+      const T* v = vrow + (j / groups) * D;
+      float* o = out + j * D;
+      for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(v[i]);
     }
-  }
+  });
 }
 
 template <typename T, int kD>
