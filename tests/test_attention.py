@@ -112,3 +112,21 @@ def test_cpu_kernel_rejects_bad_input():
         op(q.double(), kv[0].double(), meta.block_tables, meta.seq_lens, 1.0, out.double())
     with pytest.raises(RuntimeError, match="int32"):
         op(q, kv[0], meta.block_tables.long(), meta.seq_lens, 1.0, out)
+
+
+@needs_kernel
+def test_cpu_kernel_build_survives_a_stale_lock(tmp_path):
+    """A builder killed mid-build leaves cpp_extension's lock file behind; the next start must build
+    anyway instead of waiting on it forever (this builds the kernel once more, in tmp_path)."""
+    import os
+    import subprocess
+    import sys
+
+    from microserve.attention.cpu_backend import _build_name
+
+    (tmp_path / _build_name()).mkdir()
+    (tmp_path / _build_name() / "lock").touch()
+    code = "from microserve.attention.cpu_backend import kernel_error; print(kernel_error())"
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr[-2000:]

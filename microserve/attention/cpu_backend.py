@@ -1,13 +1,15 @@
 """The CPU default: torch SDPA for prefill, plus a compiled kernel for decode that reads the paged
 pool in place (csrc/paged_decode.cpp).
 
-The kernel is compiled on first use with torch.utils.cpp_extension (a few seconds, once per machine
-and torch version; later starts load it from the cache in $TORCH_EXTENSIONS_DIR, default
-~/.cache/torch_extensions). Where it cannot be built (no C++ compiler or ninja), `auto` falls back to
+The kernel is compiled on first use with torch.utils.cpp_extension (a few seconds, once per CPU
+type, Python and torch version; later starts load it from the cache in $TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions). Where it cannot be built (no C++ compiler or ninja), `auto` falls back to
 the pure torch backend, which gives the same results more slowly.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -31,24 +33,40 @@ _CFLAGS = ["-O3", "-march=native", "-ffast-math"]
 
 
 def _build_name() -> str:
-    """-march=native code must not be loaded on another CPU that shares the cache directory, so the
-    cached build is keyed by this CPU's feature flags too."""
-    flags = platform.machine()
+    """-march=native code must not be loaded on another CPU that shares the cache directory, and a
+    build links against one torch and one Python, so the cached build is keyed by all three."""
+    key = f"{platform.machine()} {platform.python_version()} {torch.__version__}"
     try:
         with open("/proc/cpuinfo") as f:
-            flags += next((line for line in f if line.startswith(("flags", "Features"))), "")
+            key += next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
         pass
-    return f"microserve_cpu_attention_{hashlib.sha1(flags.encode()).hexdigest()[:10]}"
+    return f"microserve_cpu_attention_{hashlib.sha1(key.encode()).hexdigest()[:10]}"
+
+
+def _load(name: str) -> None:
+    """torch.utils.cpp_extension.load, made safe against builders that die mid-build.
+
+    cpp_extension serialises builds with a lock *file*, which outlives a process killed while
+    compiling (an engine stopped during its first start), and then every later load waits on it
+    forever. So builds of ours also hold an flock, which the kernel releases when its holder dies;
+    whoever holds it knows any lock file left in the build directory is stale."""
+    from torch.utils.cpp_extension import get_default_build_root, load
+    build_dir = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), name)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "microserve.flock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(build_dir, "lock"))
+        load(name, [_SOURCE], extra_cflags=_CFLAGS, build_directory=build_dir, is_python_module=False)
 
 
 @functools.cache
 def kernel_error() -> str | None:
     """Build (or load from cache) the decode kernel. None when `torch.ops.microserve` has it, else why not."""
     try:
-        from torch.utils.cpp_extension import load
         t0 = time.perf_counter()
-        load(_build_name(), [_SOURCE], extra_cflags=_CFLAGS, is_python_module=False)
+        _load(_build_name())
         took = time.perf_counter() - t0
         if took > 1.0:  # a build, not a cache hit: say where the pause went
             log.info("compiled the CPU paged decode kernel in %.1f s (cached for later starts)", took)
