@@ -117,6 +117,12 @@ class EngineConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def same_model_dir(name: str, path: str) -> bool:
+    """Whether `name` is a path to the model directory `path`: clients such as `vllm bench serve`
+    send the absolute path of a model that was served by a relative one."""
+    return os.path.isdir(name) and os.path.realpath(name) == os.path.realpath(path)
+
+
 def resolve_model_path(model: str) -> str:
     """A local directory as is; `embedded` to the built-in tiny model; anything else as a hub id."""
     if model == "embedded":

@@ -15,7 +15,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from conftest import ROOT, STORIES, kv_accounting
+from conftest import ROOT, STORIES, STORIES_HD32, kv_accounting
 from microserve.launch import free_port, spawn, stop, wait_healthy
 from microserve.tokenizer import Tokenizer
 
@@ -176,6 +176,10 @@ def test_bad_input(cluster):
         assert st == 400
         st, r = await complete(cluster.url, greedy("hi", model="unknown-model"))
         assert st == 404 and r["error"]["code"] == "model_not_found"
+        st, r = await complete(cluster.url, greedy("hi", model=STORIES_HD32))  # another model's directory
+        assert st == 404 and r["error"]["code"] == "model_not_found"
+        st, r = await complete(cluster.url, greedy("hi", model=STORIES + "/"))  # the served one, spelled otherwise
+        assert st == 200, r
         st, r = await complete(cluster.url, greedy("hi", max_tokens=100000))
         assert st == 400 and "context" in r["error"]["message"]
         async with aiohttp.ClientSession() as s:

@@ -15,7 +15,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from conftest import STORIES, STORY_END, kv_accounting
+from conftest import STORIES, STORIES_HD32, STORY_END, kv_accounting
 
 NAME = "stories"
 PROMPT = "Once upon a time"
@@ -240,6 +240,7 @@ BAD = [
     ("malformed json", b'{"prompt": "Once upon', 400, None),
     ("json not an object", b'["Once"]', 400, None),
     ("unknown model", {"model": "gpt-17", "prompt": PROMPT}, 404, "model"),
+    ("another model's directory", {"model": STORIES_HD32, "prompt": PROMPT}, 404, "model"),
     ("prompt beyond context", {"prompt": "the dog ran " * 200, "max_tokens": 4}, 400, "prompt"),
     ("prompt ids beyond context", {"prompt": [5] * 512, "max_tokens": 1}, 400, "prompt"),
     ("max_tokens 0", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
@@ -272,6 +273,12 @@ def assert_openai_error(body: dict, status: int, param: str | None = None) -> No
     assert isinstance(err["code"], str) and err["code"]
     if param is not None:
         assert err["param"] == param, err
+
+
+def test_model_named_by_another_path_to_its_directory(server):
+    """`vllm bench serve` sends the path of the served directory, spelled its own way."""
+    st, r = run(post(server, greedy(PROMPT, 4, model=STORIES + "/")))
+    assert st == 200, r
 
 
 @pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])

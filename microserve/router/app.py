@@ -12,7 +12,6 @@ In-flight requests keep the strategy object they started with; a switch affects 
 from __future__ import annotations
 
 import asyncio
-import os
 import hmac
 import logging
 import time
@@ -25,6 +24,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from microserve.config import same_model_dir
 from microserve.protocol import (ChatCompletionRequest, CompletionRequest, SamplingFields, completion_chunk,
                                  completion_response, error_body, usage_chunk)
 from microserve.router.client import ROLES, EngineClient, RouterRequest
@@ -109,10 +109,8 @@ class RouterService:
 
     # ---- requests ------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> None:
-        """The served name; a path naming the same model directory is the same model (clients such
-        as `vllm bench serve` send the absolute path of what was served by a relative one)."""
-        if model is not None and model != self.model_name and not (
-                os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(self.model_name)):
+        """The served name, or a path to the same model directory."""
+        if model is not None and model != self.model_name and not same_model_dir(model, self.model_name):
             raise HTTPError(404, f"the model {model!r} does not exist; this router serves {self.model_name!r}",
                             "model_not_found", "model")
 

@@ -4,13 +4,13 @@
 microserving start_generate reuses it, since its reply is an ordinary completion."""
 from __future__ import annotations
 
-import os
 import time
 from contextlib import aclosing
 from typing import AsyncIterator
 
 from aiohttp import web
 
+from microserve.config import same_model_dir
 from microserve.engine.request import RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.tokenizer import NoChatTemplate
@@ -35,10 +35,9 @@ class OpenAIAPI:
 
     def check_model(self, model: str | None) -> None:
         e = self.s.engine
-        if model is not None and model not in (e.model_name, e.config.model) and not (
-                os.path.isdir(model) and os.path.realpath(model) == os.path.realpath(e.model_path)):
-            raise HTTPError(404, f"the model {model!r} does not exist; this engine serves "
-                                 f"{self.s.engine.model_name!r}", "model_not_found", "model")
+        if model is not None and model not in (e.model_name, e.config.model) and not same_model_dir(model, e.model_path):
+            raise HTTPError(404, f"the model {model!r} does not exist; this engine serves {e.model_name!r}",
+                            "model_not_found", "model")
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, CompletionRequest)
