@@ -1,8 +1,9 @@
 """The CPU attention backends agree with fp32 SDPA over the same paged context:
 - the torch backend's half-precision decode path (two matmuls, fp32 softmax);
-- the compiled paged decode kernel (cpu backend), for several head dims, GQA ratios, page sizes and
-  lengths, with every output element written, alone and in a batch that also has prefill chunks,
-  and on bf16/fp16 pools."""
+- the compiled paged decode and prefill kernels (cpu backend), for several head dims, GQA ratios,
+  page sizes and lengths (prefill: fresh prompts around the kernel's block edges and chunks over a
+  cached prefix), with every output element written, together in one mixed batch, on bf16/fp16
+  pools, and refusing inputs that would read out of bounds."""
 from __future__ import annotations
 
 import pytest
@@ -15,20 +16,31 @@ from microserve.attention.torch_backend import TorchSDPABackend
 needs_kernel = pytest.mark.skipif(kernel_error() is not None, reason=f"CPU kernel unavailable: {kernel_error()}")
 
 
-def decode_batch(lens, hq, hkv, d, ps, seed=0):
-    """q/k/v for one decode token per sequence over a random paged pool, and its metadata."""
+def varlen_batch(qlens, slens, hq, hkv, d, ps, seed=0, num_decodes=0):
+    """q/k/v for query_lens[i] new tokens at the end of each sequence's slens[i]-token context, over
+    a random paged pool whose page order is shuffled, and the runner-style metadata."""
     g = torch.Generator().manual_seed(seed)
-    b, width = len(lens), max(-(-n // ps) for n in lens)
+    b, width = len(slens), max(-(-n // ps) for n in slens)
     pages = b * width + 3
     kv = torch.randn(1, 2, pages, ps, hkv, d, generator=g)
     tables = torch.randperm(pages, generator=g)[:b * width].view(b, width).int()
-    slots = torch.tensor([int(tables[i, (n - 1) // ps]) * ps + (n - 1) % ps for i, n in enumerate(lens)])
-    q = torch.randn(b, hq, d, generator=g)
-    k_new, v_new = (torch.randn(b, hkv, d, generator=g) for _ in range(2))
-    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=torch.arange(b + 1, dtype=torch.int32),
-                             seq_lens=torch.tensor(lens, dtype=torch.int32), block_tables=tables,
-                             query_lens_cpu=[1] * b, seq_lens_cpu=list(lens), num_decodes=b, page_size=ps)
+    slots = torch.tensor([int(tables[i, t // ps]) * ps + t % ps
+                          for i, (ql, sl) in enumerate(zip(qlens, slens)) for t in range(sl - ql, sl)])
+    t = sum(qlens)
+    q = torch.randn(t, hq, d, generator=g)
+    k_new, v_new = (torch.randn(t, hkv, d, generator=g) for _ in range(2))
+    starts = [0]
+    for ql in qlens:
+        starts.append(starts[-1] + ql)
+    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=torch.tensor(starts, dtype=torch.int32),
+                             seq_lens=torch.tensor(slens, dtype=torch.int32), block_tables=tables,
+                             query_lens_cpu=list(qlens), seq_lens_cpu=list(slens), num_decodes=num_decodes,
+                             page_size=ps)
     return q, k_new, v_new, kv, meta
+
+
+def decode_batch(lens, hq, hkv, d, ps, seed=0):
+    return varlen_batch([1] * len(lens), lens, hq, hkv, d, ps, seed, num_decodes=len(lens))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -76,24 +88,51 @@ def test_cpu_kernel_half_decode_matches_fp32(dtype, d, hq, hkv):
     torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
 
 
+# Fresh prompts on and around the kernel's 64-token blocks, and chunks over a cached prefix.
+PREFILL_QLENS, PREFILL_SLENS = [1, 63, 64, 65, 200, 5, 64, 1, 30], [1, 63, 64, 65, 200, 130, 96, 37, 30]
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [8, 24, 32, 64, 128])
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("ps", [1, 16, 32])
+def test_cpu_kernel_prefill_matches_torch(d, hq, hkv, ps):
+    q, k_new, v_new, kv, meta = varlen_batch(PREFILL_QLENS, PREFILL_SLENS, hq, hkv, d, ps)
+    scale = d ** -0.5
+    ref = TorchSDPABackend(hq, hkv, d, scale).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    pool = kv.clone()
+    out = CPUPagedBackend(hq, hkv, d, scale).forward(0, q, k_new, v_new, ForwardContext(meta, pool))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # Called directly, into a NaN-poisoned buffer, with q a strided view as the model passes it
+    # (the q heads of a fused qkv): every row is written, from the right q elements.
+    fused = torch.cat([q, torch.full((q.shape[0], hkv, d), float("nan"))], dim=1)
+    poisoned = torch.full_like(q, float("nan"))
+    torch.ops.microserve.paged_prefill_attention(fused[:, :hq], pool[0], meta.block_tables, meta.query_start_loc,
+                                                 meta.seq_lens, scale, poisoned)
+    torch.testing.assert_close(poisoned, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,hq,hkv", [(32, 8, 4), (24, 8, 2)])
+def test_cpu_kernel_half_prefill_matches_fp32(dtype, d, hq, hkv):
+    q, k_new, v_new, kv, meta = varlen_batch(PREFILL_QLENS, PREFILL_SLENS, hq, hkv, d, 16)
+    q, k_new, v_new, kv = (t.to(dtype) for t in (q, k_new, v_new, kv))
+    ref = TorchSDPABackend(hq, hkv, d, d ** -0.5).forward(
+        0, q.float(), k_new.float(), v_new.float(), ForwardContext(meta, kv.float()))
+    out = CPUPagedBackend(hq, hkv, d, d ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    assert out.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
 @needs_kernel
 def test_cpu_backend_mixed_batch_matches_torch():
     """Decodes first, then a prefill chunk over a cached prefix and a fresh prompt, as the runner
-    lays them out: only the decode rows go to the kernel, and all rows agree with the torch backend."""
-    hq, hkv, d, ps = 8, 2, 32, 16
-    g = torch.Generator().manual_seed(1)
-    qlens, slens = [1, 1, 7, 12], [40, 3, 30, 12]
-    width, b = 3, 4
-    kv = torch.randn(1, 2, 16, ps, hkv, d, generator=g)
-    tables = torch.randperm(16, generator=g)[:b * width].view(b, width).int()
-    slots = torch.tensor([int(tables[i, t // ps]) * ps + t % ps
-                          for i, (ql, sl) in enumerate(zip(qlens, slens)) for t in range(sl - ql, sl)])
-    t = sum(qlens)
-    q = torch.randn(t, hq, d, generator=g)
-    k_new, v_new = (torch.randn(t, hkv, d, generator=g) for _ in range(2))
-    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=torch.tensor([0, 1, 2, 9, 21], dtype=torch.int32),
-                             seq_lens=torch.tensor(slens, dtype=torch.int32), block_tables=tables,
-                             query_lens_cpu=qlens, seq_lens_cpu=slens, num_decodes=2, page_size=ps)
+    lays them out: the decode rows go to one kernel, the rest to the other, and all rows agree
+    with the torch backend."""
+    hq, hkv, d = 8, 2, 32
+    q, k_new, v_new, kv, meta = varlen_batch([1, 1, 7, 12], [40, 3, 30, 12], hq, hkv, d, 16, seed=1, num_decodes=2)
     ref = TorchSDPABackend(hq, hkv, d, d ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
     out = CPUPagedBackend(hq, hkv, d, d ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
@@ -112,6 +151,26 @@ def test_cpu_kernel_rejects_bad_input():
         op(q.double(), kv[0].double(), meta.block_tables, meta.seq_lens, 1.0, out.double())
     with pytest.raises(RuntimeError, match="int32"):
         op(q, kv[0], meta.block_tables.long(), meta.seq_lens, 1.0, out)
+
+
+@needs_kernel
+def test_cpu_prefill_kernel_rejects_bad_input():
+    q, _, _, kv, meta = varlen_batch([5, 20], [5, 30], 4, 2, 32, 16)
+    out = torch.empty_like(q)
+    op = torch.ops.microserve.paged_prefill_attention
+    tables, qsl, lens = meta.block_tables, meta.query_start_loc, meta.seq_lens
+    with pytest.raises(RuntimeError, match="outside"):  # beyond the block table
+        op(q, kv[0], tables, qsl, torch.tensor([5, 33], dtype=torch.int32), 1.0, out)
+    with pytest.raises(RuntimeError, match="outside"):  # fewer context tokens than new ones
+        op(q, kv[0], tables, qsl, torch.tensor([4, 30], dtype=torch.int32), 1.0, out)
+    with pytest.raises(RuntimeError, match="must rise"):
+        op(q, kv[0], tables, torch.tensor([0, 5, 5], dtype=torch.int32), lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="must rise"):  # past the end of q
+        op(q, kv[0], tables, torch.tensor([0, 5, 26], dtype=torch.int32), lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        op(q.bfloat16(), kv[0], tables, qsl, lens, 1.0, out)
+    with pytest.raises(RuntimeError, match="batch mismatch"):
+        op(q, kv[0], tables, qsl[:2], lens, 1.0, out)
 
 
 @needs_kernel

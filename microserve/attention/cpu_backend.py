@@ -1,9 +1,9 @@
-"""The CPU default: torch SDPA for prefill, plus a compiled kernel for decode that reads the paged
-pool in place (csrc/paged_decode.cpp).
+"""The CPU default: compiled attention kernels that read the paged pool in place, one for decode
+(csrc/paged_decode.cpp) and one for prefill chunks (csrc/paged_prefill.cpp).
 
-The kernel is compiled on first use with torch.utils.cpp_extension (a few seconds, once per CPU
-type, Python and torch version; later starts load it from the cache in $TORCH_EXTENSIONS_DIR,
-default ~/.cache/torch_extensions). Where it cannot be built (no C++ compiler or ninja), `auto` falls back to
+The kernels are compiled on first use with torch.utils.cpp_extension (a few seconds, once per CPU
+type, Python and torch version; later starts load them from the cache in $TORCH_EXTENSIONS_DIR,
+default ~/.cache/torch_extensions). Where they cannot be built (no C++ compiler or ninja), `auto` falls back to
 the pure torch backend, which gives the same results more slowly.
 """
 from __future__ import annotations
@@ -25,7 +25,8 @@ from microserve.attention.torch_backend import TorchSDPABackend
 log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "paged_decode.cpp")
+_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")]
 # -ffast-math lets the float reductions and expf vectorize (glibc's libmvec). It is a compile flag
 # only: cpp_extension links without it, so crtfastmath (which would flush denormals for the whole
 # process) is never linked in.
@@ -58,27 +59,29 @@ def _load(name: str) -> None:
         fcntl.flock(f, fcntl.LOCK_EX)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(build_dir, "lock"))
-        load(name, [_SOURCE], extra_cflags=_CFLAGS, build_directory=build_dir, is_python_module=False)
+        load(name, _SOURCES, extra_cflags=_CFLAGS, extra_include_paths=[_CSRC], build_directory=build_dir,
+             is_python_module=False)
 
 
 @functools.cache
 def kernel_error() -> str | None:
-    """Build (or load from cache) the decode kernel. None when `torch.ops.microserve` has it, else why not."""
+    """Build (or load from cache) the CPU kernels. None when `torch.ops.microserve` has them, else why not."""
     try:
         t0 = time.perf_counter()
         _load(_build_name())
         took = time.perf_counter() - t0
         if took > 1.0:  # a build, not a cache hit: say where the pause went
-            log.info("compiled the CPU paged decode kernel in %.1f s (cached for later starts)", took)
+            log.info("compiled the CPU paged attention kernels in %.1f s (cached for later starts)", took)
         return None
     except Exception as e:  # noqa: BLE001 - any build failure means "use the torch path"
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
 
 
 class CPUPagedBackend(TorchSDPABackend):
-    """TorchSDPABackend with decode served by `torch.ops.microserve.paged_decode_attention`:
-    no gather, no padding, GQA by indexing. fp32, bf16 and fp16 (math in fp32); a pool whose dtype
-    differs from q's takes the torch path."""
+    """TorchSDPABackend with both phases served by compiled kernels that read the paged pool in
+    place (no gather, no padding, GQA by indexing): `torch.ops.microserve.paged_decode_attention`
+    for decodes and `paged_prefill_attention` for prefill chunks, cached prefixes included.
+    fp32, bf16 and fp16 (math in fp32); a pool whose dtype differs from q's takes the torch path."""
 
     name = "cpu"
 
@@ -86,10 +89,14 @@ class CPUPagedBackend(TorchSDPABackend):
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
         why = kernel_error()
         if why is not None:
-            raise RuntimeError(f"the CPU attention kernel could not be built ({why}); use --attention-backend torch")
+            raise RuntimeError(f"the CPU attention kernels could not be built ({why}); use --attention-backend torch")
+
+    @staticmethod
+    def _fits(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
+        return q.dtype in _KERNEL_DTYPES and kv_layer.dtype == q.dtype and q.device.type == "cpu"
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if q.dtype not in _KERNEL_DTYPES or kv_layer.dtype != q.dtype or q.device.type != "cpu":
+        if not self._fits(q, kv_layer):
             return super()._decode(q, kv_layer, meta)
         nd = meta.num_decodes
         q = q[:nd].contiguous()
@@ -97,3 +104,12 @@ class CPUPagedBackend(TorchSDPABackend):
         torch.ops.microserve.paged_decode_attention(q, kv_layer, meta.block_tables[:nd], meta.seq_lens[:nd],
                                                     self.scale, out)
         return out
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                 meta: AttentionMetadata, out: torch.Tensor) -> None:
+        if not self._fits(q, kv_layer) or not out.is_contiguous():
+            super()._prefill(q, k, v, kv_layer, meta, out)
+            return
+        nd = meta.num_decodes  # query_start_loc holds absolute rows of q, so its tail needs no rebasing
+        torch.ops.microserve.paged_prefill_attention(q, kv_layer, meta.block_tables[nd:],
+                                                     meta.query_start_loc[nd:], meta.seq_lens[nd:], self.scale, out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from microserve.attention.base import AttentionBackend, ForwardContext
+from microserve.attention.base import AttentionBackend, AttentionMetadata, ForwardContext
 
 
 def store_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -37,8 +37,15 @@ class TorchSDPABackend(AttentionBackend):
         nd = meta.num_decodes
         if nd:
             out[:nd] = self._decode(q[:nd], kv_layer, meta)
-        start = nd
-        for i in range(nd, meta.num_seqs):
+        if nd < meta.num_seqs:
+            self._prefill(q, k, v, kv_layer, meta, out)
+        return out
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
+                 meta: AttentionMetadata, out: torch.Tensor) -> None:
+        """Writes out's rows of the prefill sequences (num_decodes .. num_seqs-1), one SDPA call each."""
+        start = meta.num_decodes
+        for i in range(meta.num_decodes, meta.num_seqs):
             ql, sl = meta.query_lens_cpu[i], meta.seq_lens_cpu[i]
             qi = q[start:start + ql].transpose(0, 1).unsqueeze(0)  # [1, Hq, ql, D]
             if ql == sl:  # no cached prefix: the new K/V are the whole context, top-left == lower-right
@@ -53,9 +60,8 @@ class TorchSDPABackend(AttentionBackend):
                                                    scale=self.scale, enable_gqa=True)
             out[start:start + ql] = o[0].transpose(0, 1)
             start += ql
-        return out
 
-    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """All decodes in one padded call: each sees its own context, masked to its length."""
         nd = meta.num_decodes
         lens = meta.seq_lens[:nd]

@@ -19,6 +19,8 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "paged_pool.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,23 +28,7 @@
 
 namespace {
 
-// Calls f(t, row) for context positions t = 0 .. len-1 in order, where row points at token t's
-// first element of kv head h0 in `pool` (one K or V plane of a layer):
-//
-//   position t:   [ page 0: 0 .. ps-1 ][ page 1: ps .. 2ps-1 ] ... [ last page: .. len-1 ]
-//   page id:        table[0]              table[1]                   table[(len-1) / ps]
-//   row of t:     pool + (table[t / ps] * ps + t % ps) * row_stride + h0 * D
-//
-// Pages are walked whole, so inside a page the rows are adjacent (row_stride apart).
-template <typename T, typename F>
-inline void for_each_row(const T* pool, const int32_t* table, int64_t page_size, int64_t len, int64_t row_stride,
-                         int64_t head_offset, F&& f) {
-  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
-    const int64_t rows = std::min(page_size, len - t0);
-    const T* page = pool + static_cast<int64_t>(table[t0 / page_size]) * page_size * row_stride + head_offset;
-    for (int64_t r = 0; r < rows; ++r) f(t0 + r, page + r * row_stride);
-  }
-}
+using microserve::for_each_row;
 
 // One sequence, kv heads [h0, h1) and their G query heads each, against `len` context rows. Rows
 // are read whole (all heads of a token are adjacent), which streams better than one head at a time.
@@ -155,7 +141,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
 
 }  // namespace
 
-TORCH_LIBRARY(microserve, m) {
+TORCH_LIBRARY_FRAGMENT(microserve, m) {
   m.def("paged_decode_attention(Tensor q, Tensor kv_layer, Tensor block_tables, Tensor seq_lens, float scale, "
         "Tensor(a!) out) -> ()");
 }

@@ -1,0 +1,33 @@
+// Addressing of one K or V plane of a paged pool layer, shared by the CPU attention kernels.
+//
+//   position t:   [ page 0: 0 .. ps-1 ][ page 1: ps .. 2ps-1 ] ... [ last page: .. len-1 ]
+//   page id:        table[0]              table[1]                   table[(len-1) / ps]
+//   row of t:     pool + (table[t / ps] * ps + t % ps) * row_stride + head_offset
+//
+// row_stride is Hkv * D (all kv heads of a token are adjacent); head_offset picks a kv head.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+namespace microserve {
+
+template <typename T>
+inline const T* row_at(const T* pool, const int32_t* table, int64_t page_size, int64_t t, int64_t row_stride,
+                       int64_t head_offset) {
+  return pool + (static_cast<int64_t>(table[t / page_size]) * page_size + t % page_size) * row_stride + head_offset;
+}
+
+// Calls f(t, row) for t = 0 .. len-1 in order. Pages are walked whole, so inside a page the rows
+// are adjacent (row_stride apart) and the table is read once per page.
+template <typename T, typename F>
+inline void for_each_row(const T* pool, const int32_t* table, int64_t page_size, int64_t len, int64_t row_stride,
+                         int64_t head_offset, F&& f) {
+  for (int64_t t0 = 0; t0 < len; t0 += page_size) {
+    const int64_t rows = std::min(page_size, len - t0);
+    const T* page = row_at(pool, table, page_size, t0, row_stride, head_offset);
+    for (int64_t r = 0; r < rows; ++r) f(t0 + r, page + r * row_stride);
+  }
+}
+
+}  // namespace microserve
