@@ -131,6 +131,8 @@ def test_padded_decode_equals_eager(engine, n):
     batch = start_decoding(e, n)
     ps = e.pool.page_size
     e.pool.kv[:, :, g.scratch_page] = 0  # so that padding's stores show, step after step
+    # and so that the real stores show even where a reused page already holds this very token's K/V
+    e.pool.kv.flatten(2, 3)[:, :, new_slots(batch, ps)] = 1e4
     kv0 = e.pool.kv.clone()
     e.runner.decode_graphs = None
     ref, ref_reqs, _ = e.runner.run(batch)
