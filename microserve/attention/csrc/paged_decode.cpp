@@ -40,24 +40,30 @@ void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_hea
             float* scores, float* out) {
   const int64_t D = kD > 0 ? kD : d;
   const int64_t row_stride = num_kv_heads * D, nq = (h1 - h0) * groups;
-  // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j.
-  for_each_row(k_pool, table, page_size, len, row_stride, h0 * D, [&](int64_t t, const T* krow) {
-    for (int64_t j = 0; j < nq; ++j) {
-      const T* k = krow + (j / groups) * D;
-      const float* qj = q + j * D;
-      float acc = 0.f;
-      for (int64_t i = 0; i < D; ++i) acc += qj[i] * static_cast<float>(k[i]);
-      scores[j * len + t] = acc * scale;
+  const int64_t prefetch_bytes = (h1 - h0) * D * static_cast<int64_t>(sizeof(T));
+  // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j (j / groups is the kv head,
+  // counted from h0).
+  for_each_row(k_pool, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* krow) {
+    microserve::prefetch(krow + (v_pool - k_pool), prefetch_bytes);  // its V row, for pass 3
+    for (int64_t kh = 0, j = 0; kh < h1 - h0; ++kh) {
+      const T* k = krow + kh * D;
+      for (int64_t g = 0; g < groups; ++g, ++j) {
+        const float* qj = q + j * D;
+        float acc = 0.f;
+        for (int64_t i = 0; i < D; ++i) acc += qj[i] * static_cast<float>(k[i]);
+        scores[j * len + t] = acc * scale;
+      }
     }
   });
   // Pass 2: softmax over each query head's row.
   for (int64_t j = 0; j < nq; ++j) {
     float* s = scores + j * len;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < len; ++t) m = std::max(m, s[t]);
+    float m = s[0];
+    for (int64_t t = 1; t < len; ++t) m = std::max(m, s[t]);
     float z = 0.f;
     for (int64_t t = 0; t < len; ++t) {
-      s[t] = std::exp(s[t] - m);
+      // Clamped above expf's underflow, below which libm leaves its vector path lane by lane.
+      s[t] = std::exp(std::max(s[t] - m, -80.f));
       z += s[t];
     }
     const float inv = 1.f / z;
@@ -65,12 +71,14 @@ void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_hea
   }
   // Pass 3: out_j = sum_t p[j][t] * v_t.
   std::fill(out, out + nq * D, 0.f);
-  for_each_row(v_pool, table, page_size, len, row_stride, h0 * D, [&](int64_t t, const T* vrow) {
-    for (int64_t j = 0; j < nq; ++j) {
-      const float p = scores[j * len + t];
-      const T* v = vrow + (j / groups) * D;
-      float* o = out + j * D;
-      for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(v[i]);
+  for_each_row(v_pool, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* vrow) {
+    for (int64_t kh = 0, j = 0; kh < h1 - h0; ++kh) {
+      const T* v = vrow + kh * D;
+      for (int64_t g = 0; g < groups; ++g, ++j) {
+        const float p = scores[j * len + t];
+        float* o = out + j * D;
+        for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(v[i]);
+      }
     }
   });
 }
