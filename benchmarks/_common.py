@@ -146,6 +146,18 @@ def publish(key: str, title: str, header: list[str], rows: list[list], m: dict, 
     return table
 
 
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median wall milliseconds of fn() over reps calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
 class Timer:
     def __enter__(self):
         self.t0 = time.perf_counter()

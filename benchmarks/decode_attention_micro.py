@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+
+from _common import median_ms
 
 
 def current(q, kv_layer, bt, lens, max_len, scale):
@@ -86,17 +86,6 @@ def load_kernel():
     return torch.ops.microserve.paged_decode_attention
 
 
-def bench(fn, reps):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -149,10 +138,10 @@ def main():
         if kernel is not None:
             outs.append(engine(q, kv, bt, lens, scale))
         diff = max((o - ref).abs().max().item() for o in outs)
-        t = [bench(lambda: current(q, kv, bt, lens, max_len, scale), a.reps),
-             bench(lambda: gather_only(q, kv, bt, lens, max_len, scale), a.reps), bench(fi, a.reps), bench(fm, a.reps),
-             bench(sc, a.reps),
-             bench(lambda: engine(q, kv, bt, lens, scale), a.reps) if kernel is not None else float("nan")]
+        t = [median_ms(lambda: current(q, kv, bt, lens, max_len, scale), a.reps),
+             median_ms(lambda: gather_only(q, kv, bt, lens, max_len, scale), a.reps), median_ms(fi, a.reps), median_ms(fm, a.reps),
+             median_ms(sc, a.reps),
+             median_ms(lambda: engine(q, kv, bt, lens, scale), a.reps) if kernel is not None else float("nan")]
         print(f"| {name} | {B} | {L} | {Hq}/{Hkv} | {D} | " + " | ".join(f"{x:.3f}" for x in t) + f" | {diff:.1e} |")
 
 

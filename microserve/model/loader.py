@@ -18,6 +18,7 @@ from microserve.attention.base import get_backend
 from microserve.config import ModelConfig
 from microserve.model.layers import RotaryEmbedding
 from microserve.model.llama import LlamaForCausalLM
+from microserve.model.packed_linear import pack_linears
 
 log = logging.getLogger(__name__)
 
@@ -93,4 +94,6 @@ def load_model(path: str, cfg: ModelConfig, load_format: str, dtype: torch.dtype
             raise ValueError(f"checkpoint in {path} lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
     else:
         raise ValueError(f"unknown load format {load_format!r} (choose auto, safetensors, dummy)")
+    if device.type == "cpu":
+        pack_linears(model)  # after loading: the packed copies are taken from the loaded weights
     return model.eval()

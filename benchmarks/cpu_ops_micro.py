@@ -1,0 +1,83 @@
+"""The engine's CPU prefill attention and linear layers against what torch would run instead.
+
+1. Prefill attention, one layer call, one fresh causal prompt of T tokens (8 q heads / 4 kv heads):
+   the engine's paged kernel (microserve/attention/csrc/paged_prefill.cpp, reading K/V through a
+   shuffled block table) vs torch SDPA (its CPU flash kernel) on dense K/V. Also a prompt over a
+   cached prefix, where the torch backend must first gather the prefix out of the pool.
+2. Linear layers of the served models: nn.Linear (F.linear, torch's BLAS) vs the engine's
+   PackedLinear (oneDNN on a pre-packed weight, microserve/model/packed_linear.py), per row count,
+   both called as modules.
+
+Medians of --reps calls, in one process, side by side.
+
+    python benchmarks/cpu_ops_micro.py --threads 1
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+from torch import nn
+
+from _common import md_table, median_ms
+
+from microserve.attention.base import AttentionMetadata, ForwardContext
+from microserve.attention.cpu_backend import CPUPagedBackend
+from microserve.attention.torch_backend import TorchSDPABackend
+from microserve.model.packed_linear import PackedLinear
+
+
+def prefill_case(T: int, prefix: int, D: int, reps: int, hq: int = 8, hkv: int = 4, ps: int = 16):
+    sl = prefix + T
+    width = -(-sl // ps)
+    kv = torch.randn(1, 2, 4 * width, ps, hkv, D)
+    table = torch.randperm(4 * width)[:width].int()[None]
+    slots = torch.tensor([int(table[0, t // ps]) * ps + t % ps for t in range(prefix, sl)])
+    q, k, v = torch.randn(T, hq, D), torch.randn(T, hkv, D), torch.randn(T, hkv, D)
+    meta = AttentionMetadata(slot_mapping=slots, query_start_loc=torch.tensor([0, T], dtype=torch.int32),
+                             seq_lens=torch.tensor([sl], dtype=torch.int32), block_tables=table,
+                             query_lens_cpu=[T], seq_lens_cpu=[sl], num_decodes=0, page_size=ps)
+    ctx = ForwardContext(meta, kv)
+    engine, torch_backend = CPUPagedBackend(hq, hkv, D, D ** -0.5), TorchSDPABackend(hq, hkv, D, D ** -0.5)
+    diff = (engine.forward(0, q, k, v, ctx) - torch_backend.forward(0, q, k, v, ctx)).abs().max().item()
+    t_engine = median_ms(lambda: engine.forward(0, q, k, v, ctx), reps)
+    t_torch = median_ms(lambda: torch_backend.forward(0, q, k, v, ctx), reps)
+    return [T, prefix, D, f"{t_torch:.3f}", f"{t_engine:.3f}", f"**{t_torch / t_engine:.2f}x**", f"{diff:.1e}"]
+
+
+def linear_case(name: str, rows: int, k: int, n: int, reps: int):
+    linear = nn.Linear(k, n, bias=False)
+    packed = PackedLinear(linear)
+    x = torch.randn(rows, k)
+    with torch.inference_mode():
+        diff = (packed(x) - linear(x)).abs().max().item()
+        t_plain = median_ms(lambda: linear(x), reps)
+        t_packed = median_ms(lambda: packed(x), reps)
+    return [name, rows, f"{k}x{n}", f"{t_plain * 1e3:.0f}", f"{t_packed * 1e3:.0f}", f"**{t_plain / t_packed:.2f}x**",
+            f"{diff:.1e}"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    ap.add_argument("--reps", type=int, default=20, help="timed calls per case (default: %(default)s)")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    print(f"threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}, median of {a.reps} calls")
+    print("\n### Prefill attention, one layer call (ms)\n")
+    rows = [prefill_case(T, 0, 32, a.reps) for T in (64, 200, 512, 2048)]
+    rows += [prefill_case(200, 0, 64, a.reps), prefill_case(200, 0, 8, a.reps), prefill_case(64, 448, 32, a.reps)]
+    print(md_table(["new tokens", "cached prefix", "head dim", "torch backend", "engine kernel", "speed-up",
+                 "max abs diff"], rows))
+    print("\n### Linear layers (us per call)\n")
+    shapes = [("hd32 qkv_proj", 64, 512), ("hd32 gate_up_proj", 64, 344), ("hd32 down_proj", 172, 64),
+              ("58M qkv_proj", 512, 1024), ("58M gate_up_proj", 512, 3072), ("58M lm_head", 512, 32000)]
+    rows = [linear_case(name, m, k, n, a.reps) for name, k, n in shapes for m in (1, 16, 64, 2048)
+            if not (m == 2048 and n == 32000)]  # prefill runs lm_head on the last tokens only
+    print(md_table(["layer", "rows", "in x out", "nn.Linear", "PackedLinear", "speed-up", "max abs diff"], rows))
+
+
+if __name__ == "__main__":
+    main()
