@@ -40,7 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off the radix prefix cache")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "triton"],
-                   help="cpu: torch SDPA for prefill + a C++ paged decode kernel compiled on first use (CPU "
+                   help="cpu: C++ paged decode and prefill kernels compiled on first use (CPU "
                         "default when a compiler is present); torch: torch SDPA only; triton: Triton kernels "
                         "(CUDA default) (default: %(default)s)")
     g.add_argument("--enforce-eager", action="store_true",

@@ -18,7 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
-    # Build the CPU decode kernel once, here, before tests start engine processes side by side (they
+    # Build the CPU attention kernels once, here, before tests start engine processes side by side (they
     # would otherwise queue on the build lock, each inside its start-up timeout).
     from microserve.attention.cpu_backend import kernel_error
     kernel_error()

@@ -32,7 +32,7 @@ def _cpu_kernel_builds() -> bool:
 
 
 BACKENDS = ["torch", pytest.param("cpu", marks=pytest.mark.skipif(not _cpu_kernel_builds(),
-                                                                  reason="CPU decode kernel does not build"))]
+                                                                  reason="CPU kernels do not build"))]
 
 
 def make_engine(backend: str, **kw) -> Engine:

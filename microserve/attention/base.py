@@ -72,8 +72,8 @@ class AttentionBackend:
 
 
 def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:
-    """`auto` picks Triton on CUDA when it is importable; on CPU the compiled paged decode kernel
-    when it builds, else torch SDPA."""
+    """`auto` picks Triton on CUDA when it is importable; on CPU the compiled paged kernels
+    when they build, else torch SDPA."""
     if name == "auto":
         name = "torch"
         if device.type == "cuda":
