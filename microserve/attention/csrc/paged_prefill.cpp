@@ -23,6 +23,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include "dispatch.h"
 #include "paged_pool.h"
 
 #include <algorithm>
@@ -254,19 +255,6 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
   });
 }
 
-template <typename T>
-void run_dtype(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& qsl,
-               const at::Tensor& lens, double scale, at::Tensor& out) {
-  switch (q.size(2)) {
-    case 8: return run<T, 8>(q, kv, tables, qsl, lens, scale, out);
-    case 16: return run<T, 16>(q, kv, tables, qsl, lens, scale, out);
-    case 32: return run<T, 32>(q, kv, tables, qsl, lens, scale, out);
-    case 64: return run<T, 64>(q, kv, tables, qsl, lens, scale, out);
-    case 128: return run<T, 128>(q, kv, tables, qsl, lens, scale, out);
-    default: return run<T, 0>(q, kv, tables, qsl, lens, scale, out);
-  }
-}
-
 void paged_prefill_attention(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables,
                              const at::Tensor& qsl, const at::Tensor& lens, double scale, at::Tensor& out) {
   TORCH_CHECK(q.dim() == 3 && kv.dim() == 5 && tables.dim() == 2 && qsl.dim() == 1 && lens.dim() == 1, "bad ranks");
@@ -279,12 +267,9 @@ void paged_prefill_attention(const at::Tensor& q, const at::Tensor& kv, const at
   TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == q.size(2) && q.size(1) % kv.size(3) == 0, "shape mismatch");
   TORCH_CHECK(tables.size(0) == lens.size(0) && qsl.size(0) == lens.size(0) + 1 && out.sizes() == q.sizes(),
               "batch mismatch");
-  switch (q.scalar_type()) {
-    case at::kFloat: return run_dtype<float>(q, kv, tables, qsl, lens, scale, out);
-    case at::kBFloat16: return run_dtype<at::BFloat16>(q, kv, tables, qsl, lens, scale, out);
-    case at::kHalf: return run_dtype<at::Half>(q, kv, tables, qsl, lens, scale, out);
-    default: TORCH_CHECK(false, "paged_prefill_attention supports fp32, bf16 and fp16, not ", q.scalar_type());
-  }
+  microserve::dispatch(q.scalar_type(), q.size(2), "paged_prefill_attention", [&](auto t, auto d) {
+    run<decltype(t), decltype(d)::value>(q, kv, tables, qsl, lens, scale, out);
+  });
 }
 
 }  // namespace
