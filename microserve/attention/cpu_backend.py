@@ -107,7 +107,7 @@ class CPUPagedBackend(TorchSDPABackend):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata, out: torch.Tensor) -> None:
-        if not self._fits(q, kv_layer) or not out.is_contiguous():
+        if not self._fits(q, kv_layer) or q.stride(-1) != 1 or not out.is_contiguous():
             super()._prefill(q, k, v, kv_layer, meta, out)
             return
         nd = meta.num_decodes  # query_start_loc holds absolute rows of q, so its tail needs no rebasing
