@@ -25,39 +25,19 @@
 
 #include "dispatch.h"
 #include "paged_pool.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 namespace {
 
+using microserve::load;
 using microserve::row_at;
-
-// GCC/Clang vector extensions: explicit register-sized values that compile to AVX-512, AVX2 or
-// SSE as the target allows (portable, unlike intrinsics). Plain loops over float arrays here were
-// left in memory by the compiler, one store-load round trip per FMA.
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef float Vec16 __attribute__((vector_size(64)));
-template <int W> struct VecOf;  // (an alias template would drop the attribute)
-template <> struct VecOf<8> { using type = Vec8; };
-template <> struct VecOf<16> { using type = Vec16; };
-template <int W>
-using Vec = typename VecOf<W>::type;
-
-template <int W>
-inline Vec<W> load(const float* p) {
-  Vec<W> v;
-  std::memcpy(&v, p, sizeof(v));  // an unaligned vector load
-  return v;
-}
-
-template <int W>
-inline void store(float* p, Vec<W> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
+using microserve::store;
+using microserve::Vec;
 
 constexpr int64_t kBlockKeys = 64;     // keys per block: four 16-float vectors of scores per query row
 constexpr int64_t kBlockTokens = 64;   // new tokens per work item (times G query heads = its rows)
