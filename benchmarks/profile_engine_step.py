@@ -28,6 +28,7 @@ sys.path.insert(0, REPO)
 from microserve.config import EngineConfig  # noqa: E402
 from microserve.engine.engine import Engine  # noqa: E402
 from microserve.engine.sampling import SamplingParams  # noqa: E402
+from microserve.server.process import keep_freed_memory  # noqa: E402
 
 
 def main() -> int:
@@ -41,6 +42,7 @@ def main() -> int:
     ap.add_argument("--kv-cache-memory-mb", type=int, default=256)
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
+    keep_freed_memory()  # as the engine server runs (server/app.py), so the profile is the served one's
     e = Engine(EngineConfig(model=a.model, num_threads=a.threads, kv_cache_memory_mb=a.kv_cache_memory_mb))
     vocab = e.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
