@@ -1,4 +1,5 @@
-"""The engine's CPU prefill attention and linear layers against what torch would run instead.
+"""The engine's CPU prefill attention and linear layers against what torch would run instead, and
+decode attention cost against the page size.
 
 1. Prefill attention, one layer call, one fresh causal prompt of T tokens (8 q heads / 4 kv heads):
    the engine's paged kernel (microserve/attention/csrc/paged_prefill.cpp, reading K/V through a
