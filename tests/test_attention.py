@@ -113,6 +113,25 @@ def test_cpu_kernel_prefill_matches_torch(d, hq, hkv, ps):
 
 
 @needs_kernel
+@pytest.mark.parametrize("seed", range(12))
+def test_cpu_kernels_random_mixed_batches_match_torch(seed):
+    """Random runner-shaped batches (decodes, fresh prompts, chunks over cached prefixes) with
+    random page sizes, head dims and GQA ratios: both kernels against the torch backend."""
+    import random
+    rnd = random.Random(seed)
+    ps, d = rnd.choice([1, 4, 16, 32]), rnd.choice([8, 32, 64])
+    hkv = rnd.choice([1, 2, 4])
+    hq = hkv * rnd.choice([1, 2, 4])
+    nd = rnd.randint(0, 4)
+    slens = [rnd.randint(1, 300) for _ in range(nd + rnd.randint(1, 4))]
+    qlens = [1] * nd + [rnd.randint(1, sl) for sl in slens[nd:]]
+    q, k_new, v_new, kv, meta = varlen_batch(qlens, slens, hq, hkv, d, ps, seed=seed, num_decodes=nd)
+    ref = TorchSDPABackend(hq, hkv, d, d ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    out = CPUPagedBackend(hq, hkv, d, d ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,hq,hkv", [(32, 8, 4), (24, 8, 2)])
 def test_cpu_kernel_half_prefill_matches_fp32(dtype, d, hq, hkv):
