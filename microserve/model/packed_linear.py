@@ -2,7 +2,7 @@
 
 torch's CPU `F.linear` goes to the BLAS it was built with, which on this project's machines (AMD
 EPYC, AVX-512) reaches 50-100 GFLOP/s on one core; oneDNN's matmul on a pre-packed weight reaches
-150-230 (benchmarks/linear_micro.py). Each oneDNN call costs ~12 us of fixed overhead, so tiny
+150-230 (benchmarks/cpu_ops_micro.py). Each oneDNN call costs ~12 us of fixed overhead, so tiny
 products (a handful of rows through a small layer) stay on `F.linear`; the choice is per call, by
 the size of the product.
 
