@@ -30,17 +30,18 @@
 namespace {
 
 using microserve::for_each_row;
+using microserve::PoolLayer;
 
 // One sequence, kv heads [h0, h1) and their G query heads each, against `len` context rows. Rows
 // are read whole (all heads of a token are adjacent), which streams better than one head at a time.
 // q and out are fp32 (the caller converts); K/V rows are of type T. kD > 0 fixes the head dim at
 // compile time so the inner loops unroll and vectorize; kD == 0 reads it from `d`.
 template <typename T, int kD>
-void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_heads, int64_t h0, int64_t h1,
-            const int32_t* table, int64_t page_size, int64_t len, int64_t groups, int64_t d, float scale,
-            float* scores, float* out) {
+void attend(const float* q, const PoolLayer<T>& pool, int64_t h0, int64_t h1, const int32_t* table, int64_t len,
+            int64_t groups, int64_t d, float scale, float* scores, float* out) {
   const int64_t D = kD > 0 ? kD : d;
-  const int64_t row_stride = num_kv_heads * D, nq = (h1 - h0) * groups;
+  const T *k_pool = pool.k, *v_pool = pool.v;
+  const int64_t row_stride = pool.row_stride, page_size = pool.page_size, nq = (h1 - h0) * groups;
   const int64_t prefetch_bytes = (h1 - h0) * D * static_cast<int64_t>(sizeof(T));
   // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j (j / groups is the kv head,
   // counted from h0).
@@ -87,12 +88,10 @@ void attend(const float* q, const T* k_pool, const T* v_pool, int64_t num_kv_hea
 template <typename T, int kD>
 void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& lens,
          double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
-  const int64_t pages = kv.size(1), page_size = kv.size(2), Hkv = kv.size(3), width = tables.size(1);
-  const int64_t groups = Hq / Hkv;
+  const PoolLayer<T> pool(kv);
+  const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2), width = tables.size(1);
+  const int64_t Hkv = pool.kv_heads, page_size = pool.page_size, groups = Hq / Hkv;
   const T* qp = q.data_ptr<T>();
-  const T* k_pool = kv.data_ptr<T>();
-  const T* v_pool = k_pool + pages * page_size * Hkv * D;
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
   T* op = out.data_ptr<T>();
@@ -110,8 +109,8 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
       const int64_t head = (b * Hq + h0 * groups) * D;  // first element of this item's q heads
       for (int64_t e = 0; e < nq * D; ++e) qf[e] = static_cast<float>(qp[head + e]);
       scores.resize(nq * len);
-      attend<T, kD>(qf.data(), k_pool, v_pool, Hkv, h0, h0 + per, tp + b * width, page_size, len, groups, D,
-                    static_cast<float>(scale), scores.data(), of.data());
+      attend<T, kD>(qf.data(), pool, h0, h0 + per, tp + b * width, len, groups, D, static_cast<float>(scale),
+                    scores.data(), of.data());
       for (int64_t e = 0; e < nq * D; ++e) op[head + e] = static_cast<T>(of[e]);
     }
   });

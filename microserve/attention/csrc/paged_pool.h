@@ -7,10 +7,24 @@
 // row_stride is Hkv * D (all kv heads of a token are adjacent); head_offset picks a kv head.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <algorithm>
 #include <cstdint>
 
 namespace microserve {
+
+// One layer of the pool as the kernels read it, from kv_layer [2, P, page_size, Hkv, D]
+// (contiguous; 0 = K, 1 = V): the two planes and what row addressing needs.
+template <typename T>
+struct PoolLayer {
+  const T* k;
+  const T* v;
+  int64_t page_size, kv_heads, row_stride;  // row_stride = Hkv * D, one token's row in a plane
+  explicit PoolLayer(const at::Tensor& kv)
+      : k(kv.data_ptr<T>()), v(k + kv.numel() / 2), page_size(kv.size(2)), kv_heads(kv.size(3)),
+        row_stride(kv.size(3) * kv.size(4)) {}
+};
 
 template <typename T>
 inline const T* row_at(const T* pool, const int32_t* table, int64_t page_size, int64_t t, int64_t row_stride,

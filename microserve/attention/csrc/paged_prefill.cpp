@@ -35,6 +35,7 @@
 namespace {
 
 using microserve::load;
+using microserve::PoolLayer;
 using microserve::row_at;
 using microserve::store;
 using microserve::Vec;
@@ -142,13 +143,13 @@ void accumulate_pv(const float (&p)[kRows][kBlockKeys], const float* carry, cons
 // One work item: kv head h of one sequence, new tokens [i0, i1) and their G query heads each.
 // Row m of the item is token i0 + m / G, query head h*G + m % G.
 template <typename T, int kD>
-void attend_block(const T* q, int64_t q_row_stride, int64_t q_head_stride, T* out, const T* k_pool,
-                  const T* v_pool, int64_t hq, int64_t hkv, int64_t h,
-                  int64_t groups, const int32_t* table, int64_t page_size, int64_t row0, int64_t i0, int64_t i1,
-                  int64_t query_len, int64_t seq_len, int64_t d, float scale, Workspace& ws) {
+void attend_block(const T* q, int64_t q_row_stride, int64_t q_head_stride, T* out, int64_t hq,
+                  const PoolLayer<T>& pool, int64_t h, int64_t groups, const int32_t* table, int64_t row0,
+                  int64_t i0, int64_t i1, int64_t query_len, int64_t seq_len, int64_t d, float scale,
+                  Workspace& ws) {
   const int64_t D = kD > 0 ? kD : d;
   const int64_t real_rows = (i1 - i0) * groups, rows = (real_rows + kRows - 1) / kRows * kRows;
-  const int64_t row_stride = hkv * D, first_pos = seq_len - query_len;
+  const int64_t row_stride = pool.row_stride, page_size = pool.page_size, first_pos = seq_len - query_len;
   float* qs = ws.q.data();
   float* o = ws.o.data();
   float* kt = ws.kt.data();
@@ -168,8 +169,8 @@ void attend_block(const T* q, int64_t q_row_stride, int64_t q_head_stride, T* ou
     // broadcast FMAs over kBlockKeys lanes; V as rows. Missing keys are zeros and get masked.
     for (int64_t r = 0; r < kBlockKeys; ++r) {
       if (r < n) {
-        const T* krow = row_at(k_pool, table, page_size, t0 + r, row_stride, h * D);
-        const T* vrow = row_at(v_pool, table, page_size, t0 + r, row_stride, h * D);
+        const T* krow = row_at(pool.k, table, page_size, t0 + r, row_stride, h * D);
+        const T* vrow = row_at(pool.v, table, page_size, t0 + r, row_stride, h * D);
         for (int64_t e = 0; e < D; ++e) {
           kt[e * kBlockKeys + r] = static_cast<float>(krow[e]);
           vb[r * D + e] = static_cast<float>(vrow[e]);
@@ -205,12 +206,10 @@ void attend_block(const T* q, int64_t q_row_stride, int64_t q_head_stride, T* ou
 template <typename T, int kD>
 void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, const at::Tensor& qsl,
          const at::Tensor& lens, double scale, at::Tensor& out) {
-  const int64_t T_ = q.size(0), Hq = q.size(1), D = q.size(2), B = lens.size(0);
-  const int64_t pages = kv.size(1), page_size = kv.size(2), Hkv = kv.size(3), width = tables.size(1);
-  const int64_t groups = Hq / Hkv;
+  const PoolLayer<T> pool(kv);
+  const int64_t T_ = q.size(0), Hq = q.size(1), D = q.size(2), B = lens.size(0), width = tables.size(1);
+  const int64_t Hkv = pool.kv_heads, page_size = pool.page_size, groups = Hq / Hkv;
   const T* qp = q.data_ptr<T>();
-  const T* k_pool = kv.data_ptr<T>();
-  const T* v_pool = k_pool + pages * page_size * Hkv * D;
   const int32_t* tp = tables.data_ptr<int32_t>();
   const int32_t* sp = qsl.data_ptr<int32_t>();
   const int32_t* lp = lens.data_ptr<int32_t>();
@@ -232,8 +231,8 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
       while (item >= first_item[b + 1]) ++b;
       const int64_t ql = sp[b + 1] - sp[b], k = item - first_item[b];
       const int64_t h = k % Hkv, i0 = (k / Hkv) * kBlockTokens, i1 = std::min(ql, i0 + kBlockTokens);
-      attend_block<T, kD>(qp, q.stride(0), q.stride(1), op, k_pool, v_pool, Hq, Hkv, h, groups, tp + b * width, page_size, sp[b], i0, i1,
-                          ql, lp[b], D, static_cast<float>(scale), ws);
+      attend_block<T, kD>(qp, q.stride(0), q.stride(1), op, Hq, pool, h, groups, tp + b * width, sp[b], i0, i1, ql,
+                          lp[b], D, static_cast<float>(scale), ws);
     }
   });
 }
