@@ -57,7 +57,8 @@ def test_half_decode_matches_fp32(dtype, hq, hkv):
 
 @needs_kernel
 @pytest.mark.parametrize("d", [8, 24, 32, 64, 128])  # 24 takes the generic loop, the rest are specialised
-@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1)])
+# 12/2 and 32/8: more query heads per work item than one 8-head score vector, padded or not
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (8, 1), (12, 2), (32, 8)])
 @pytest.mark.parametrize("ps", [1, 16, 32])
 def test_cpu_kernel_decode_matches_torch(d, hq, hkv, ps):
     q, k_new, v_new, kv, meta = decode_batch([1, 5, 37, 130, 64, ps, ps + 1], hq, hkv, d, ps)
@@ -70,6 +71,21 @@ def test_cpu_kernel_decode_matches_torch(d, hq, hkv, ps):
     poisoned = torch.full_like(q, float("nan"))
     torch.ops.microserve.paged_decode_attention(q, pool[0], meta.block_tables, meta.seq_lens, scale, poisoned)
     torch.testing.assert_close(poisoned, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernel_decode_one_sequence_split_by_kv_head(threads):
+    """With fewer sequences than threads, a work item is one kv head (its G query heads)."""
+    q, k_new, v_new, kv, meta = decode_batch([300], 8, 4, 32, 16)
+    ref = TorchSDPABackend(8, 4, 32, 32 ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = CPUPagedBackend(8, 4, 32, 32 ** -0.5).forward(0, q, k_new, v_new, ForwardContext(meta, kv.clone()))
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -13,6 +13,11 @@
 // q, kv_layer and out share one dtype: fp32, bf16 or fp16. Math is fp32 throughout (half-precision
 // K/V rows are widened as they are read), so only the inputs and the final store are rounded.
 //
+// Per work item, three passes: scores (kept token-major, so eight query heads' scores for a token
+// are one vector, summed out of eight dot products by a shuffle tree), softmax, then P.V with the
+// output sums held in registers. Plain per-head loops spent most of their time on horizontal sums
+// and on output stores the compiler could not keep in registers (3x slower at head dim 8).
+//
 // Work is split with at::parallel_for, so it shares torch's thread pool (and its thread count)
 // instead of bringing a second OpenMP runtime.
 #include <ATen/Parallel.h>
@@ -21,68 +26,163 @@
 
 #include "dispatch.h"
 #include "paged_pool.h"
+#include "vec.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
 using microserve::for_each_row;
+using microserve::load;
 using microserve::PoolLayer;
+using microserve::store;
+using microserve::Vec;
+using microserve::Vec8;
+using microserve::Vec16;
+
+// Widens W elements of a K/V row to floats (a plain vector load for fp32).
+template <int W, typename T>
+inline Vec<W> load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load<W>(p);
+  } else {
+    float f[W];
+    for (int i = 0; i < W; ++i) f[i] = static_cast<float>(p[i]);
+    return load<W>(f);
+  }
+}
+
+// The lane sums of eight vectors, as one vector: out[i] = sum of a[i]'s lanes. A tree of
+// shuffles and adds (a transpose as it sums) costs ~3 ops per sum where eight separate horizontal
+// sums cost ~6 each. Each level halves the lanes a vector holds per input and pairs inputs up;
+// the tree leaves input i in lane bitreverse3(i), so inputs are taken in that order.
+inline Vec8 sum_lanes8(const Vec8 (&a)[8]) {
+  Vec8 b[4], c[2];
+  constexpr int r[8] = {0, 4, 2, 6, 1, 5, 3, 7};  // bitreverse3, its own inverse
+  for (int i = 0; i < 4; ++i) {
+    const Vec8 x = a[r[2 * i]], y = a[r[2 * i + 1]];
+    b[i] = __builtin_shufflevector(x, y, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(x, y, 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+  for (int i = 0; i < 2; ++i) {
+    const Vec8 x = b[2 * i], y = b[2 * i + 1];
+    c[i] = __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) + __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  }
+  return __builtin_shufflevector(c[0], c[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(c[0], c[1], 1, 9, 3, 11, 5, 13, 7, 15);
+}
+
+inline Vec8 fold_to8(Vec8 v) { return v; }
+inline Vec8 fold_to8(Vec16 v) {
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+constexpr int64_t kHeadBlock = 8;  // query heads per score vector; a work item's heads are padded to a multiple
+
+// Pass 2: softmax over t of each query head's scores, in place; scores are token-major
+// (s[t * width + j], width a multiple of kHeadBlock), so a row of kHeadBlock heads is one vector.
+// The exponentials are one flat loop, which the compiler hands to libmvec's vector expf.
+inline void softmax_columns(float* s, int64_t width, int64_t len) {
+  for (int64_t j0 = 0; j0 < width; j0 += kHeadBlock) {
+    Vec8 m = load<8>(s + j0);
+    for (int64_t t = 1; t < len; ++t) {
+      const Vec8 x = load<8>(s + t * width + j0);
+      m = x > m ? x : m;
+    }
+    // Clamped above expf's underflow, below which libm leaves its vector path lane by lane.
+    const Vec8 floor = Vec8{} - 80.f;
+    for (int64_t t = 0; t < len; ++t) {
+      const Vec8 x = load<8>(s + t * width + j0) - m;
+      store<8>(s + t * width + j0, x > floor ? x : floor);
+    }
+  }
+  for (int64_t e = 0; e < len * width; ++e) s[e] = std::exp(s[e]);
+  for (int64_t j0 = 0; j0 < width; j0 += kHeadBlock) {
+    Vec8 z = {};
+    for (int64_t t = 0; t < len; ++t) z += load<8>(s + t * width + j0);
+    const Vec8 inv = 1.f / z;
+    for (int64_t t = 0; t < len; ++t) store<8>(s + t * width + j0, load<8>(s + t * width + j0) * inv);
+  }
+}
 
 // One sequence, kv heads [h0, h1) and their G query heads each, against `len` context rows. Rows
 // are read whole (all heads of a token are adjacent), which streams better than one head at a time.
-// q and out are fp32 (the caller converts); K/V rows are of type T. kD > 0 fixes the head dim at
-// compile time so the inner loops unroll and vectorize; kD == 0 reads it from `d`.
+// q and out are fp32 (the caller converts); K/V rows are of type T. kD > 0 (a multiple of 8) fixes
+// the head dim so a head is one or more W-float vectors; kD == 0 reads it from `d` (plain loops).
+// scores: len * width floats, width = nq rounded up to kHeadBlock. head_offset[j] (j < width) is
+// where query head j's kv head starts in a row; padding heads repeat the last real head.
 template <typename T, int kD>
 void attend(const float* q, const PoolLayer<T>& pool, int64_t h0, int64_t h1, const int32_t* table, int64_t len,
-            int64_t groups, int64_t d, float scale, float* scores, float* out) {
+            int64_t groups, int64_t d, float scale, const int64_t* head_offset, float* scores, float* out) {
   const int64_t D = kD > 0 ? kD : d;
-  const T *k_pool = pool.k, *v_pool = pool.v;
-  const int64_t row_stride = pool.row_stride, page_size = pool.page_size, nq = (h1 - h0) * groups;
-  const int64_t prefetch_bytes = (h1 - h0) * D * static_cast<int64_t>(sizeof(T));
-  // Pass 1: scores[j][t] = scale * q_j . k_t for the nq query heads j (j / groups is the kv head,
-  // counted from h0).
-  for_each_row(k_pool, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* krow) {
-    microserve::prefetch(krow + (v_pool - k_pool), prefetch_bytes);  // its V row, for pass 3
-    for (int64_t kh = 0, j = 0; kh < h1 - h0; ++kh) {
-      const T* k = krow + kh * D;
-      for (int64_t g = 0; g < groups; ++g, ++j) {
-        const float* qj = q + j * D;
+  const int64_t row_stride = pool.row_stride, page_size = pool.page_size, nkv = h1 - h0, nq = nkv * groups;
+  const int64_t width = (nq + kHeadBlock - 1) / kHeadBlock * kHeadBlock;
+  const int64_t prefetch_bytes = nkv * D * static_cast<int64_t>(sizeof(T));
+  constexpr int W = kD % 16 == 0 ? 16 : 8, kVecs = kD / W;
+  constexpr bool kVector = kD > 0 && kD % 8 == 0;
+  // Pass 1: scores[t][j] = scale * q_j . k_t.
+  for_each_row(pool.k, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* krow) {
+    microserve::prefetch(krow + (pool.v - pool.k), prefetch_bytes);  // its V row, for pass 3
+    float* st = scores + t * width;
+    if constexpr (kVector) {
+      for (int64_t j0 = 0; j0 < width; j0 += kHeadBlock) {
+        Vec8 dots[kHeadBlock];
+#pragma GCC unroll 8
+        for (int i = 0; i < kHeadBlock; ++i) {
+          const int64_t j = std::min<int64_t>(j0 + i, nq - 1);  // padding heads repeat the last one
+          Vec<W> v = {};
+#pragma GCC unroll 16
+          for (int c = 0; c < kVecs; ++c) v += load<W>(q + j * kD + c * W) * load_float<W>(krow + head_offset[j] + c * W);
+          dots[i] = fold_to8(v);
+        }
+        store<8>(st + j0, sum_lanes8(dots) * scale);
+      }
+    } else {
+      for (int64_t j = 0; j < width; ++j) {
+        const float* qj = q + std::min(j, nq - 1) * D;
+        const T* k = krow + head_offset[j];
         float acc = 0.f;
         for (int64_t i = 0; i < D; ++i) acc += qj[i] * static_cast<float>(k[i]);
-        scores[j * len + t] = acc * scale;
+        st[j] = acc * scale;
       }
     }
   });
-  // Pass 2: softmax over each query head's row.
-  for (int64_t j = 0; j < nq; ++j) {
-    float* s = scores + j * len;
-    float m = s[0];
-    for (int64_t t = 1; t < len; ++t) m = std::max(m, s[t]);
-    float z = 0.f;
-    for (int64_t t = 0; t < len; ++t) {
-      // Clamped above expf's underflow, below which libm leaves its vector path lane by lane.
-      s[t] = std::exp(std::max(s[t] - m, -80.f));
-      z += s[t];
+  softmax_columns(scores, width, len);
+  // Pass 3: out_j = sum_t p[t][j] * v_t. The sums of up to kHeads query heads (16 vectors) stay in
+  // registers for a whole walk over the rows: one walk for head dims up to 32 at 8 query heads,
+  // more walks over the (by then cached) rows for wider heads.
+  if constexpr (kVector) {
+    constexpr int kHeads = kVecs >= 16 ? 1 : 16 / kVecs;
+    for (int64_t j0 = 0; j0 < nq; j0 += kHeads) {
+      const int64_t nh = std::min<int64_t>(kHeads, nq - j0);
+      Vec<W> acc[kHeads][kVecs] = {};
+      for_each_row(pool.v, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* vrow) {
+        const float* pt = scores + t * width + j0;
+#pragma GCC unroll 16
+        for (int i = 0; i < kHeads; ++i) {
+          if (i < nh) {
+#pragma GCC unroll 16
+            for (int c = 0; c < kVecs; ++c) acc[i][c] += pt[i] * load_float<W>(vrow + head_offset[j0 + i] + c * W);
+          }
+        }
+      });
+      for (int64_t i = 0; i < nh; ++i)
+        for (int c = 0; c < kVecs; ++c) store<W>(out + (j0 + i) * kD + c * W, acc[i][c]);
     }
-    const float inv = 1.f / z;
-    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
-  }
-  // Pass 3: out_j = sum_t p[j][t] * v_t.
-  std::fill(out, out + nq * D, 0.f);
-  for_each_row(v_pool, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* vrow) {
-    for (int64_t kh = 0, j = 0; kh < h1 - h0; ++kh) {
-      const T* v = vrow + kh * D;
-      for (int64_t g = 0; g < groups; ++g, ++j) {
-        const float p = scores[j * len + t];
+  } else {
+    std::fill(out, out + nq * D, 0.f);
+    for_each_row(pool.v, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* vrow) {
+      for (int64_t j = 0; j < nq; ++j) {
+        const float pt = scores[t * width + j];
+        const T* v = vrow + head_offset[j];
         float* o = out + j * D;
-        for (int64_t i = 0; i < D; ++i) o[i] += p * static_cast<float>(v[i]);
+        for (int64_t i = 0; i < D; ++i) o[i] += pt * static_cast<float>(v[i]);
       }
-    }
-  });
+    });
+  }
 }
 
 template <typename T, int kD>
@@ -102,15 +202,18 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
   // A work item is one sequence, all heads; with fewer sequences than threads, one (sequence, kv
   // head) pair, so a single long decode still uses every thread.
   const int64_t split = B >= at::get_num_threads() ? 1 : Hkv, per = Hkv / split, nq = per * groups;
+  const int64_t padded = (nq + kHeadBlock - 1) / kHeadBlock * kHeadBlock;
+  std::vector<int64_t> head_offset(padded);  // query head j of an item reads its kv head j / groups
+  for (int64_t j = 0; j < padded; ++j) head_offset[j] = std::min(j, nq - 1) / groups * D;
   at::parallel_for(0, B * split, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, qf(nq * D), of(nq * D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / split, h0 = (i % split) * per, len = lp[b];
       const int64_t head = (b * Hq + h0 * groups) * D;  // first element of this item's q heads
       for (int64_t e = 0; e < nq * D; ++e) qf[e] = static_cast<float>(qp[head + e]);
-      scores.resize(nq * len);
+      scores.resize(padded * len);
       attend<T, kD>(qf.data(), pool, h0, h0 + per, tp + b * width, len, groups, D, static_cast<float>(scale),
-                    scores.data(), of.data());
+                    head_offset.data(), scores.data(), of.data());
       for (int64_t e = 0; e < nq * D; ++e) op[head + e] = static_cast<T>(of[e]);
     }
   });
