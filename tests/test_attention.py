@@ -67,9 +67,12 @@ def test_cpu_kernel_decode_matches_torch(d, hq, hkv, ps):
     pool = kv.clone()
     out = CPUPagedBackend(hq, hkv, d, scale).forward(0, q, k_new, v_new, ForwardContext(meta, pool))
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    # Called directly into a NaN-poisoned buffer: every element is written.
+    # Called directly into a NaN-poisoned buffer, with q a strided view as the model passes it (the
+    # q heads of a fused qkv): every element is written, from the right q elements.
     poisoned = torch.full_like(q, float("nan"))
-    torch.ops.microserve.paged_decode_attention(q, pool[0], meta.block_tables, meta.seq_lens, scale, poisoned)
+    fused = torch.cat([q, torch.full((q.shape[0], hkv, d), float("nan"))], dim=1)
+    torch.ops.microserve.paged_decode_attention(fused[:, :hq], pool[0], meta.block_tables, meta.seq_lens, scale,
+                                                poisoned)
     torch.testing.assert_close(poisoned, ref, rtol=1e-5, atol=1e-5)
 
 

@@ -26,7 +26,10 @@ log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")]
+# One library for all CPU kernels: attention here, and the model's fused layer ops (RMSNorm, RoPE,
+# SiLU-and-mul), which microserve/model/layers.py uses when kernel_error() is None.
+_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")] + [
+    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "csrc", "layer_ops.cpp")]
 # -ffast-math lets the float reductions and expf vectorize (glibc's libmvec). It is a compile flag
 # only: cpp_extension links without it, so crtfastmath (which would flush denormals for the whole
 # process) is never linked in.
@@ -95,15 +98,13 @@ class CPUPagedBackend(TorchSDPABackend):
     def _fits(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
         return q.dtype in _KERNEL_DTYPES and kv_layer.dtype == q.dtype and q.device.type == "cpu"
 
-    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if not self._fits(q, kv_layer):
-            return super()._decode(q, kv_layer, meta)
+    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        if not self._fits(q, kv_layer) or q.stride(-1) != 1:
+            super()._decode(q, kv_layer, meta, out)
+            return
         nd = meta.num_decodes
-        q = q[:nd].contiguous()
-        out = torch.empty_like(q)
         torch.ops.microserve.paged_decode_attention(q, kv_layer, meta.block_tables[:nd], meta.seq_lens[:nd],
                                                     self.scale, out)
-        return out
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata, out: torch.Tensor) -> None:

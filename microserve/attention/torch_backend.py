@@ -36,7 +36,7 @@ class TorchSDPABackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = self._decode(q[:nd], kv_layer, meta)
+            self._decode(q[:nd], kv_layer, meta, out[:nd])
         if nd < meta.num_seqs:
             self._prefill(q, k, v, kv_layer, meta, out)
         return out
@@ -61,8 +61,9 @@ class TorchSDPABackend(AttentionBackend):
             out[start:start + ql] = o[0].transpose(0, 1)
             start += ql
 
-    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """All decodes in one padded call: each sees its own context, masked to its length."""
+    def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
+        """Writes out ([num_decodes, Hq, D], contiguous) for the decodes, all in one padded call: each
+        sees its own context, masked to its length."""
         nd = meta.num_decodes
         lens = meta.seq_lens[:nd]
         max_len = max(meta.seq_lens_cpu[:nd])
@@ -73,7 +74,8 @@ class TorchSDPABackend(AttentionBackend):
         if q.dtype == torch.float32:
             o = F.scaled_dot_product_attention(q.unsqueeze(2), rows[0].transpose(1, 2), rows[1].transpose(1, 2),
                                                attn_mask=valid[:, None, None, :], scale=self.scale, enable_gqa=True)
-            return o.squeeze(2)
+            out.copy_(o.squeeze(2))
+            return
         # Half precision: CPU SDPA's masked bf16 path is ~4x slower than two batched matmuls with an
         # fp32 softmax (measured, benchmarks/decode_attention_micro.py). The q heads of one KV head
         # share its K/V, so they go in as one [group, D] block.
@@ -82,4 +84,4 @@ class TorchSDPABackend(AttentionBackend):
         scores = torch.matmul(qg, rows[0].permute(0, 2, 3, 1)).float() * self.scale  # [B, Hkv, G, T]
         scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        return torch.matmul(probs, rows[1].transpose(1, 2)).reshape(b, -1, d)
+        out.copy_(torch.matmul(probs, rows[1].transpose(1, 2)).reshape(b, -1, d))

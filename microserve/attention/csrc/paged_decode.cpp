@@ -5,7 +5,8 @@
 // decode step. This kernel walks each sequence's block table instead, so K and V are read once,
 // where they are, and nothing is padded.
 //
-//   q            [B, Hq, D]              contiguous; q heads h*G .. h*G+G-1 share kv head h
+//   q            [B, Hq, D]              any row and head strides (a view of a fused qkv is fine), unit
+//                                        stride within a head; q heads h*G .. h*G+G-1 share kv head h
 //   kv_layer     [2, P, page_size, Hkv, D]  contiguous (one layer of the pool; 0 = K, 1 = V)
 //   block_tables [B, W] int32            sequence b's token t lives in page block_tables[b][t / page_size]
 //   seq_lens     [B] int32               context length of each sequence, its new token included
@@ -209,8 +210,11 @@ void run(const at::Tensor& q, const at::Tensor& kv, const at::Tensor& tables, co
     std::vector<float> scores, qf(nq * D), of(nq * D);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / split, h0 = (i % split) * per, len = lp[b];
-      const int64_t head = (b * Hq + h0 * groups) * D;  // first element of this item's q heads
-      for (int64_t e = 0; e < nq * D; ++e) qf[e] = static_cast<float>(qp[head + e]);
+      const int64_t head = (b * Hq + h0 * groups) * D;  // first element of this item's heads in out
+      for (int64_t j = 0; j < nq; ++j) {
+        const T* src = qp + b * q.stride(0) + (h0 * groups + j) * q.stride(1);
+        for (int64_t e = 0; e < D; ++e) qf[j * D + e] = static_cast<float>(src[e]);
+      }
       scores.resize(padded * len);
       attend<T, kD>(qf.data(), pool, h0, h0 + per, tp + b * width, len, groups, D, static_cast<float>(scale),
                     head_offset.data(), scores.data(), of.data());
@@ -225,7 +229,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   TORCH_CHECK(kv.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(),
               "q, kv_layer and out must share one dtype");
   TORCH_CHECK(tables.scalar_type() == at::kInt && lens.scalar_type() == at::kInt, "block_tables/seq_lens must be int32");
-  TORCH_CHECK(q.is_contiguous() && kv.is_contiguous() && tables.is_contiguous() && lens.is_contiguous() &&
+  TORCH_CHECK(q.stride(2) == 1 && kv.is_contiguous() && tables.is_contiguous() && lens.is_contiguous() &&
               out.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == q.size(2) && q.size(1) % kv.size(3) == 0, "shape mismatch");
   TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "batch mismatch");
