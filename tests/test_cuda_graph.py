@@ -201,8 +201,10 @@ def test_engine_generation_uses_graph_path_only_for_decode_steps(engine):
     e.runner.decode_graphs = g
     assert t_graph == t_eager and len(t_graph) == 9
     assert served == decode_steps > 0
+    # A padded batch changes every GEMM's row count, and BLAS may then sum a row in another order:
+    # ~1.5e-5 on these logits, so the bound is transformers parity's 1e-4, not bitwise.
     for rid in l_eager:
-        torch.testing.assert_close(torch.stack(l_graph[rid]), torch.stack(l_eager[rid]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.stack(l_graph[rid]), torch.stack(l_eager[rid]), rtol=1e-5, atol=1e-4)
     finish(e)
 
 

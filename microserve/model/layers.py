@@ -1,4 +1,10 @@
-"""Building blocks shared by the Llama family. Numerics follow transformers so fp32 logits agree."""
+"""Building blocks shared by the Llama family. Numerics follow transformers so fp32 logits agree.
+
+On the CPU, RMSNorm (with its residual add), SiLU-and-mul and RoPE go to fused kernels
+(model/csrc/layer_ops.cpp, built with the attention kernels) when those could be built: at
+serving batch sizes of a small model each torch op costs its dispatch, not its arithmetic. Elsewhere
+(CUDA, or no compiler) the same functions run as torch ops.
+"""
 from __future__ import annotations
 
 import math
@@ -6,21 +12,40 @@ import math
 import torch
 from torch import nn
 
+from microserve.attention.cpu_backend import kernel_error
+
+
+def _cpu_kernels(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and kernel_error() is None  # kernel_error is cached: a dict lookup
+
 
 class RMSNorm(nn.Module):
+    """x -> weight * x / rms(x). With `residual`, adds x into it first (in place on the CPU path) and
+    normalises the sum: `(normed, residual)` is returned, the pre-norm block's "add, then norm"."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if _cpu_kernels(x):
+            out = torch.empty_like(x)
+            torch.ops.microserve.rms_norm(x, residual, self.weight, self.eps, out)
+            return out if residual is None else (out, residual)
+        if residual is not None:
+            residual = x = x + residual
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(dtype)
+        return h if residual is None else (h, residual)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if _cpu_kernels(gate_up):
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        torch.ops.microserve.silu_and_mul(gate_up, out)
+        return out
     gate, up = gate_up.chunk(2, dim=-1)
     return nn.functional.silu(gate) * up
 
@@ -47,7 +72,8 @@ class RotaryEmbedding(nn.Module):
 
     `table(positions)` looks the rows up once per forward; `apply` then rotates q and k of every layer
     with three elementwise ops: rotate_half(x) * sin == roll(x, D/2) * [-sin, sin] (the sign moved
-    from x to sin is exact), so the result is bit-identical to transformers' formula."""
+    from x to sin is exact), so the torch path is bit-identical to transformers' formula (the CPU
+    kernel computes the same expression, to rounding)."""
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None) -> None:
         super().__init__()
@@ -56,11 +82,16 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat([freqs, freqs], dim=-1).cos(), persistent=False)
         self.register_buffer("sin_signed", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
-    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin rows for `positions` ([T]), as [T, 1, D] in `dtype`."""
-        return (self.cos[positions].unsqueeze(1).to(dtype), self.sin_signed[positions].unsqueeze(1).to(dtype))
+    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin rows for `positions` ([T]), as [T, D] fp32."""
+        return self.cos[positions], self.sin_signed[positions]
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] -> rotated copy."""
+        """x: [T, heads, D] (any row/head strides) -> x rotated: in place on the CPU path (x is
+        returned), a rotated copy otherwise."""
+        if _cpu_kernels(x):
+            torch.ops.microserve.rotary_embedding(x, cos, sin_signed)
+            return x
+        cos, sin_signed = cos.unsqueeze(1).to(x.dtype), sin_signed.unsqueeze(1).to(x.dtype)
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

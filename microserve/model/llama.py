@@ -52,9 +52,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, ctx):
-        x = x + self.self_attn(self.input_layernorm(x), rope, ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, ctx: ForwardContext):
+        """x: the previous layer's output (the embeddings for layer 0, with residual None); residual:
+        the stream so far. Returns (this layer's output, the stream), the stream not yet holding the
+        output: the next norm adds it in, in the same pass (vLLM's layout)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, rope, ctx), residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -78,13 +85,13 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx: ForwardContext,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits for the rows in `logits_indices` (all if None)."""
-        x = self.embed_tokens(input_ids)
-        rope = self.rotary.table(positions, x.dtype)  # once per forward, shared by every layer
+        x, residual = self.embed_tokens(input_ids), None
+        rope = self.rotary.table(positions)  # once per forward, shared by every layer
         for layer in self.layers:
-            x = layer(x, rope, ctx)
+            x, residual = layer(x, residual, rope, ctx)
         if logits_indices is not None:
-            x = x[logits_indices]
-        return self.lm_head(self.norm(x)).float()
+            x, residual = x[logits_indices], residual[logits_indices]
+        return self.lm_head(self.norm(x, residual)[0]).float()
 
     def shard_sizes(self, ours: str) -> list[int]:
         c = self.cfg

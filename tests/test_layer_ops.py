@@ -1,0 +1,75 @@
+"""The fused CPU layer ops (model/csrc/layer_ops.cpp) against transformers' own Llama pieces:
+RMSNorm with and without the residual add, SiLU-and-mul, and RoPE in place on the q/k heads of a
+fused qkv (strided), in fp32 and half precision, plus their shape checks. The model-level agreement
+with transformers runs through these ops in test_model_parity.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
+
+from microserve.attention.cpu_backend import kernel_error
+from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
+
+pytestmark = pytest.mark.skipif(kernel_error() is not None, reason=f"CPU kernels unavailable: {kernel_error()}")
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=2e-2),
+       torch.float16: dict(rtol=1e-3, atol=1e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (16, 64), (300, 512), (7, 100)])
+def test_rms_norm_matches_transformers(rows, hidden, dtype):
+    g = torch.Generator().manual_seed(rows)
+    x, res = torch.randn(rows, hidden, generator=g).to(dtype), torch.randn(rows, hidden, generator=g).to(dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    ours, theirs = RMSNorm(hidden, 1e-5).to(dtype), LlamaRMSNorm(hidden, 1e-5).to(dtype)
+    with torch.no_grad():
+        ours.weight.copy_(weight)
+        theirs.weight.copy_(weight)
+        torch.testing.assert_close(ours(x), theirs(x), **TOL[dtype])
+        # add-then-norm: the residual is updated in place to the sum, the sum is normalised
+        stream = res.clone()
+        normed, stream_out = ours(x, stream)
+        assert stream_out.data_ptr() == stream.data_ptr()
+        torch.testing.assert_close(stream, x + res, **TOL[dtype])
+        torch.testing.assert_close(normed, theirs(x + res), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,n", [(1, 172), (16, 172), (200, 1536)])
+def test_silu_and_mul_matches_torch(rows, n, dtype):
+    x = torch.randn(rows, 2 * n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    ref = F.silu(x[:, :n]) * x[:, n:]
+    torch.testing.assert_close(silu_and_mul(x), ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("d,nh,nkv", [(8, 8, 4), (32, 8, 4), (64, 4, 4), (128, 2, 1)])
+def test_rope_in_place_on_fused_qkv_matches_transformers(d, nh, nkv, dtype):
+    rope = RotaryEmbedding(d, 512, 10000.0, None)
+    positions = torch.tensor([0, 1, 5, 77, 300, 511])
+    t = len(positions)
+    qkv = torch.randn(t, (nh + 2 * nkv) * d, generator=torch.Generator().manual_seed(d)).to(dtype)
+    q = qkv[:, :nh * d].view(t, nh, d).transpose(0, 1)[None]  # transformers' [1, H, T, D]
+    k = qkv[:, nh * d:(nh + nkv) * d].view(t, nkv, d).transpose(0, 1)[None]
+    cos, sin = rope.cos[positions], -rope.sin_signed[positions, : d // 2].repeat(1, 2)
+    q_ref, k_ref = apply_rotary_pos_emb(q.float(), k.float(), cos[None], sin[None])
+    v_before = qkv[:, (nh + nkv) * d:].clone()
+    view = qkv[:, :(nh + nkv) * d].view(t, nh + nkv, d)  # strided: a column block of qkv
+    out = RotaryEmbedding.apply(view, *rope.table(positions))
+    assert out.data_ptr() == qkv.data_ptr()  # rotated in place
+    torch.testing.assert_close(out[:, :nh].float(), q_ref[0].transpose(0, 1), **TOL[dtype])
+    torch.testing.assert_close(out[:, nh:].float(), k_ref[0].transpose(0, 1), **TOL[dtype])
+    assert torch.equal(qkv[:, (nh + nkv) * d:], v_before)  # v untouched
+
+
+def test_layer_ops_reject_bad_shapes():
+    with pytest.raises(RuntimeError, match="rms_norm"):
+        torch.ops.microserve.rms_norm(torch.randn(4, 8), None, torch.randn(7), 1e-5, torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="residual must match"):
+        torch.ops.microserve.rms_norm(torch.randn(4, 8), torch.randn(3, 8), torch.randn(8), 1e-5, torch.empty(4, 8))
+    with pytest.raises(RuntimeError, match="silu_and_mul"):
+        torch.ops.microserve.silu_and_mul(torch.randn(4, 9), torch.empty(4, 4))
+    with pytest.raises(RuntimeError, match="rotary_embedding"):
+        torch.ops.microserve.rotary_embedding(torch.randn(4, 2, 8), torch.randn(4, 6), torch.randn(4, 6))
