@@ -3,6 +3,9 @@ nothing, preemption and abort keep KV accounting exact, sampling options do what
 prefix tree evicts, locks and peeks as documented."""
 from __future__ import annotations
 
+import heapq
+import pickle
+import random
 from collections import defaultdict
 
 import pytest
@@ -332,6 +335,56 @@ def test_radix_lru_evicts_unlocked_leaves_only():
     assert t.num_evictable == 3
     assert t.evict(5) == [12, 11, 10]  # deepest first: a prefix outlives what extends it
     assert t.num_nodes == 0 and t.num_evictable == 0 and t.peek(toks(1, 2, 3)) == 0
+
+
+def _evict_by_full_scan(t: PrefixTree, n_pages: int) -> list[int]:
+    """Eviction by its definition, the way it was first written: a heap of every unlocked leaf,
+    built afresh, popped LRU first; a parent that becomes an unlocked leaf joins it."""
+    heap = [(n.last_access, id(n), n) for n in t._leaves if n.lock == 0]
+    heapq.heapify(heap)
+    freed = []
+    while heap and len(freed) < n_pages:
+        _, _, leaf = heapq.heappop(heap)
+        parent = leaf.parent
+        del parent.children[leaf.key]
+        t._leaves.discard(leaf)
+        freed.append(leaf.page)
+        if parent is not t.root and not parent.children:
+            t._leaves.add(parent)
+            if parent.lock == 0:
+                heapq.heappush(heap, (parent.last_access, id(parent), parent))
+    return freed
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_radix_kept_heap_evicts_exactly_as_a_full_scan(seed):
+    """Random inserts, matches, locks, unlocks and evictions: every eviction takes the same pages,
+    in the same order, as a full scan of the leaves would (on a copy of the tree at that moment)."""
+    rnd = random.Random(seed)
+    t, held, next_page = PrefixTree(4), [], 0
+    for _ in range(400):
+        op = rnd.random()
+        labels = [rnd.randint(1, 4) for _ in range(rnd.randint(1, 4))]
+        if op < 0.35:
+            pages = list(range(next_page, next_page + len(labels)))
+            next_page += len(labels)
+            path, _ = t.insert(toks(*labels), pages)
+            if rnd.random() < 0.5:
+                t.lock(path[-1])
+                held.append(path[-1])
+        elif op < 0.55:
+            path = t.match(toks(*labels))
+            if path and rnd.random() < 0.3:
+                t.lock(path[-1])
+                held.append(path[-1])
+        elif op < 0.75 and held:
+            t.unlock(held.pop(rnd.randrange(len(held))))
+        else:
+            n = rnd.randint(1, 6)
+            copy = pickle.loads(pickle.dumps(t))  # ids differ in the copy; last_access never ties between leaves
+            assert t.evict(n) == _evict_by_full_scan(copy, n)
+            assert t.pages() == copy.pages()
+        assert t.num_evictable == evictable_count(t)
 
 
 def test_radix_lock_counts():

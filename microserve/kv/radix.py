@@ -9,6 +9,12 @@ the root spells a cached prefix whose length is a multiple of page_size:
 `lock(node)` pins node and all its ancestors (a running request uses them); only nodes with lock
 count 0 are evictable, and eviction takes least-recently-used *leaves* first, so a prefix is never
 freed while something that extends it is cached.
+
+Eviction runs often in a full cache (every few decode steps, as sequences cross a page), so the
+evictable leaves sit in a heap that is kept as they change instead of being rebuilt per call (a
+rebuild costs ~0.2 ms at 800 cached sequences). Entries go stale when their node is touched, locked
+or evicted; stale ones are skipped when popped, and the heap is rebuilt when they outnumber the
+leaves.
 """
 from __future__ import annotations
 
@@ -35,6 +41,24 @@ class PrefixTree:
         self.num_evictable = 0
         self._clock = itertools.count()
         self._leaves: set[Node] = set()  # kept up to date, so eviction never walks the whole tree
+        # (last_access, id, push number, node) for every evictable leaf, plus stale entries (see the
+        # module doc); the push number keeps a node's duplicate entries from being compared as nodes
+        self._heap: list[tuple[float, int, int, Node]] = []
+        self._pushes = itertools.count()
+
+    def _offer(self, node: Node) -> None:
+        """Queue node for eviction if it is now an evictable leaf (call after any change that can
+        make it one: created, unlocked, touched, or its last child evicted)."""
+        if node.lock == 0 and node in self._leaves:
+            heapq.heappush(self._heap, (node.last_access, id(node), next(self._pushes), node))
+
+    def _live(self, entry: tuple[float, int, int, Node]) -> bool:
+        last_access, _, _, node = entry
+        return node.lock == 0 and node in self._leaves and node.last_access == last_access
+
+    def _rebuild_heap(self) -> None:
+        self._heap = [(n.last_access, id(n), next(self._pushes), n) for n in self._leaves if n.lock == 0]
+        heapq.heapify(self._heap)
 
     def _chunks(self, tokens) -> list[tuple[int, ...]]:
         ps = self.page_size
@@ -59,6 +83,8 @@ class PrefixTree:
                 break
             node.last_access = now
             path.append(node)
+        if path:
+            self._offer(path[-1])  # only the last node can be a leaf
         return path
 
     def insert(self, tokens, pages: list[int]) -> tuple[list[Node], list[int]]:
@@ -81,6 +107,8 @@ class PrefixTree:
             child.last_access = now
             path.append(child)
             node = child
+        if path:
+            self._offer(path[-1])
         return path, dups
 
     def lock(self, node: Node | None) -> None:
@@ -96,15 +124,19 @@ class PrefixTree:
             assert node.lock >= 0, "unbalanced unlock"
             if node.lock == 0:
                 self.num_evictable += 1
+                self._offer(node)
             node = node.parent
 
     def evict(self, n_pages: int) -> list[int]:
         """Free up to n_pages from unlocked leaves, least recently used first."""
-        heap = [(leaf.last_access, id(leaf), leaf) for leaf in self._leaves if leaf.lock == 0]
-        heapq.heapify(heap)
+        if len(self._heap) > 2 * len(self._leaves) + 64:
+            self._rebuild_heap()  # mostly stale entries: drop them
         freed: list[int] = []
-        while heap and len(freed) < n_pages:
-            _, _, leaf = heapq.heappop(heap)
+        while self._heap and len(freed) < n_pages:
+            entry = heapq.heappop(self._heap)
+            if not self._live(entry):
+                continue
+            leaf = entry[3]
             parent = leaf.parent
             del parent.children[leaf.key]
             self._leaves.discard(leaf)
@@ -113,8 +145,7 @@ class PrefixTree:
             freed.append(leaf.page)
             if parent is not self.root and not parent.children:
                 self._leaves.add(parent)
-                if parent.lock == 0:
-                    heapq.heappush(heap, (parent.last_access, id(parent), parent))
+                self._offer(parent)
         return freed
 
     def pages(self) -> set[int]:
