@@ -11,6 +11,9 @@ decode attention cost against the page size.
 3. Decode attention (the engine's kernel) per context token against the page size, from a 1 GiB
    pool whose pages are shuffled, as a long-running server's are: B 64, context 232, D 32, all 5
    layers of stories260K-hd32 per step so the pool does not sit in cache.
+4. The model's small per-token ops (microserve/model/layers.py) as eager torch ops vs the fused CPU
+   kernels (microserve/model/csrc/layer_ops.cpp): the same module code, with the kernels switched
+   off for the eager column.
 
 Medians of --reps calls, in one process, side by side.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from unittest import mock
 
 import torch
 from torch import nn
@@ -29,6 +33,8 @@ from _common import md_table, median_ms
 from microserve.attention.base import AttentionMetadata, ForwardContext
 from microserve.attention.cpu_backend import CPUPagedBackend
 from microserve.attention.torch_backend import TorchSDPABackend
+from microserve.model import layers
+from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from microserve.model.packed_linear import PackedLinear
 
 
@@ -78,6 +84,25 @@ def linear_case(name: str, rows: int, k: int, n: int, reps: int):
             f"{diff:.1e}"]
 
 
+def layer_ops_case(model: str, rows: int, hidden: int, inter: int, heads: int, d: int, reps: int):
+    """RMSNorm with its residual add, RoPE on a fused qkv's q/k heads, SiLU-and-mul: us per call."""
+    norm, rope = RMSNorm(hidden, 1e-5), RotaryEmbedding(d, 4096, 10000.0, None)
+    x, res = torch.randn(rows, hidden), torch.randn(rows, hidden)
+    qkv, gate_up = torch.randn(rows, (heads + heads // 2 * 2) * d), torch.randn(rows, 2 * inter)
+    table = rope.table(torch.arange(rows) % 4096)
+    qk = qkv[:, :(heads + heads // 2) * d].view(rows, -1, d)
+    ops = {"RMSNorm + residual": lambda: norm(x, res.clone()), "RoPE (q and k)": lambda: RotaryEmbedding.apply(qk, *table),
+           "SiLU-and-mul": lambda: silu_and_mul(gate_up)}
+    out = []
+    with torch.inference_mode():
+        for name, fn in ops.items():
+            fused = median_ms(fn, reps)
+            with mock.patch.object(layers, "_cpu_kernels", lambda t: False):
+                eager = median_ms(fn, reps)
+            out.append([model, name, rows, f"{eager * 1e3:.1f}", f"{fused * 1e3:.1f}", f"**{eager / fused:.1f}x**"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
@@ -99,6 +124,10 @@ def main() -> None:
     print(md_table(["layer", "rows", "in x out", "nn.Linear", "PackedLinear", "speed-up", "max abs diff"], rows))
     print("\n### Decode attention per context token vs page size, shuffled 1 GiB pool (ns)\n")
     print(md_table(["page size", "ns per token"], [decode_page_case(ps, a.reps) for ps in (16, 32, 64, 128)]))
+    print("\n### Layer ops, eager torch vs fused kernel (us per call; RMSNorm's time includes cloning the residual)\n")
+    rows = [r for m in (1, 16, 64, 2048) for r in layer_ops_case("hd32", m, 64, 172, 8, 32, a.reps)]
+    rows += [r for m in (16, 2048) for r in layer_ops_case("58M", m, 512, 1536, 8, 64, a.reps)]
+    print(md_table(["model", "op", "rows", "eager", "fused", "speed-up"], rows))
 
 
 if __name__ == "__main__":
