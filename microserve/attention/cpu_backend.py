@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # One library for all CPU kernels: attention here, and the model's fused layer ops (RMSNorm, RoPE,
-# SiLU-and-mul), which microserve/model/layers.py uses when kernel_error() is None.
+# SiLU-and-mul), which microserve/model/layers.py uses once the library is loaded (kernels_loaded()).
 _SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")] + [
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "csrc", "layer_ops.cpp")]
 # -ffast-math lets the float reductions and expf vectorize (glibc's libmvec). It is a compile flag
@@ -66,18 +66,29 @@ def _load(name: str) -> None:
              is_python_module=False)
 
 
+_loaded = False
+
+
 @functools.cache
 def kernel_error() -> str | None:
     """Build (or load from cache) the CPU kernels. None when `torch.ops.microserve` has them, else why not."""
+    global _loaded
     try:
         t0 = time.perf_counter()
         _load(_build_name())
         took = time.perf_counter() - t0
         if took > 1.0:  # a build, not a cache hit: say where the pause went
-            log.info("compiled the CPU paged attention kernels in %.1f s (cached for later starts)", took)
+            log.info("compiled the CPU kernels in %.1f s (cached for later starts)", took)
+        _loaded = True
         return None
     except Exception as e:  # noqa: BLE001 - any build failure means "use the torch path"
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+
+
+def kernels_loaded() -> bool:
+    """Whether this process has the CPU kernels loaded, without building them: the model's fused
+    layer ops use them exactly when something chose them (the cpu attention backend, a test)."""
+    return _loaded
 
 
 class CPUPagedBackend(TorchSDPABackend):

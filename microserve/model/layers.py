@@ -1,9 +1,10 @@
 """Building blocks shared by the Llama family. Numerics follow transformers so fp32 logits agree.
 
 On the CPU, RMSNorm (with its residual add), SiLU-and-mul and RoPE go to fused kernels
-(model/csrc/layer_ops.cpp, built with the attention kernels) when those could be built: at
-serving batch sizes of a small model each torch op costs its dispatch, not its arithmetic. Elsewhere
-(CUDA, or no compiler) the same functions run as torch ops.
+(model/csrc/layer_ops.cpp, one library with the attention kernels) once that library is loaded,
+which the cpu attention backend does (the CPU default; `--attention-backend torch` does not): at
+serving batch sizes of a small model each torch op costs its dispatch, not its arithmetic.
+Elsewhere (CUDA, the torch backend, no compiler) the same functions run as torch ops.
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import math
 import torch
 from torch import nn
 
-from microserve.attention.cpu_backend import kernel_error
+from microserve.attention.cpu_backend import kernels_loaded
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and kernel_error() is None  # kernel_error is cached: a dict lookup
+    return x.device.type == "cpu" and kernels_loaded()
 
 
 class RMSNorm(nn.Module):
