@@ -12,7 +12,6 @@ differ. Printed per round: output tok/s of each, and the time spent in evict.
 from __future__ import annotations
 
 import argparse
-import heapq
 import os
 import statistics
 import time
@@ -24,28 +23,8 @@ from _common import ROOT, md_table
 from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
 from microserve.engine.sampling import SamplingParams
-from microserve.kv.radix import PrefixTree
+from microserve.kv.radix import PrefixTree, evict_by_scan
 from microserve.server.process import keep_freed_memory
-
-
-def evict_full_scan(t: PrefixTree, n_pages: int) -> list[int]:
-    """The first eviction: a heap of every unlocked leaf, built on each call."""
-    heap = [(n.last_access, id(n), n) for n in t._leaves if n.lock == 0]
-    heapq.heapify(heap)
-    freed: list[int] = []
-    while heap and len(freed) < n_pages:
-        _, _, leaf = heapq.heappop(heap)
-        parent = leaf.parent
-        del parent.children[leaf.key]
-        t._leaves.discard(leaf)
-        t.num_nodes -= 1
-        t.num_evictable -= 1
-        freed.append(leaf.page)
-        if parent is not t.root and not parent.children:
-            t._leaves.add(parent)
-            if parent.lock == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
-    return freed
 
 
 def timed(tree: PrefixTree, fn, spent: list[float]):
@@ -71,7 +50,7 @@ def main() -> None:
                                 kv_transport="none"))
         spent[name] = []
         tree = e.cache.tree
-        timed(tree, (lambda n, t=tree: evict_full_scan(t, n)) if name == "full scan" else tree.evict, spent[name])
+        timed(tree, (lambda n, t=tree: evict_by_scan(t, n)) if name == "full scan" else tree.evict, spent[name])
         engines[name] = e
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
     vocab = engines["kept heap"].model_config.vocab_size

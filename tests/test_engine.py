@@ -3,7 +3,6 @@ nothing, preemption and abort keep KV accounting exact, sampling options do what
 prefix tree evicts, locks and peeks as documented."""
 from __future__ import annotations
 
-import heapq
 import pickle
 import random
 from collections import defaultdict
@@ -16,7 +15,7 @@ from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
 from microserve.engine.sampling import SamplingParams
 from microserve.errors import ServeError
-from microserve.kv.radix import PrefixTree
+from microserve.kv.radix import PrefixTree, evict_by_scan
 
 STORY = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
          "One day, she saw a big, red ball. She wanted to play with it, but it was too high. Lily's mom "
@@ -337,25 +336,6 @@ def test_radix_lru_evicts_unlocked_leaves_only():
     assert t.num_nodes == 0 and t.num_evictable == 0 and t.peek(toks(1, 2, 3)) == 0
 
 
-def _evict_by_full_scan(t: PrefixTree, n_pages: int) -> list[int]:
-    """Eviction by its definition, the way it was first written: a heap of every unlocked leaf,
-    built afresh, popped LRU first; a parent that becomes an unlocked leaf joins it."""
-    heap = [(n.last_access, id(n), n) for n in t._leaves if n.lock == 0]
-    heapq.heapify(heap)
-    freed = []
-    while heap and len(freed) < n_pages:
-        _, _, leaf = heapq.heappop(heap)
-        parent = leaf.parent
-        del parent.children[leaf.key]
-        t._leaves.discard(leaf)
-        freed.append(leaf.page)
-        if parent is not t.root and not parent.children:
-            t._leaves.add(parent)
-            if parent.lock == 0:
-                heapq.heappush(heap, (parent.last_access, id(parent), parent))
-    return freed
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_radix_kept_heap_evicts_exactly_as_a_full_scan(seed):
     """Random inserts, matches, locks, unlocks and evictions: every eviction takes the same pages,
@@ -382,7 +362,7 @@ def test_radix_kept_heap_evicts_exactly_as_a_full_scan(seed):
         else:
             n = rnd.randint(1, 6)
             copy = pickle.loads(pickle.dumps(t))  # ids differ in the copy; last_access never ties between leaves
-            assert t.evict(n) == _evict_by_full_scan(copy, n)
+            assert t.evict(n) == evict_by_scan(copy, n)
             assert t.pages() == copy.pages()
         assert t.num_evictable == evictable_count(t)
 

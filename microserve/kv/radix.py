@@ -136,17 +136,23 @@ class PrefixTree:
             entry = heapq.heappop(self._heap)
             if not self._live(entry):
                 continue
-            leaf = entry[3]
-            parent = leaf.parent
-            del parent.children[leaf.key]
-            self._leaves.discard(leaf)
-            self.num_nodes -= 1
-            self.num_evictable -= 1
-            freed.append(leaf.page)
-            if parent is not self.root and not parent.children:
-                self._leaves.add(parent)
+            freed.append(entry[3].page)
+            parent = self._remove_leaf(entry[3])
+            if parent is not None:
                 self._offer(parent)
         return freed
+
+    def _remove_leaf(self, leaf: Node) -> Node | None:
+        """Take an unlocked leaf out of the tree. Returns its parent if that has become a leaf."""
+        parent = leaf.parent
+        del parent.children[leaf.key]
+        self._leaves.discard(leaf)
+        self.num_nodes -= 1
+        self.num_evictable -= 1
+        if parent is not self.root and not parent.children:
+            self._leaves.add(parent)
+            return parent
+        return None
 
     def pages(self) -> set[int]:
         out, stack = set(), [self.root]
@@ -156,3 +162,19 @@ class PrefixTree:
             if node is not self.root:
                 out.add(node.page)
         return out
+
+
+def evict_by_scan(tree: PrefixTree, n_pages: int) -> list[int]:
+    """Eviction by its definition, as it was first written: a heap of every unlocked leaf, built
+    afresh on each call. `PrefixTree.evict` must free the same pages in the same order
+    (tests/test_engine.py); benchmarks/full_cache_evict.py measures what this cost a full cache."""
+    heap = [(n.last_access, id(n), n) for n in tree._leaves if n.lock == 0]
+    heapq.heapify(heap)
+    freed: list[int] = []
+    while heap and len(freed) < n_pages:
+        leaf = heapq.heappop(heap)[2]
+        freed.append(leaf.page)
+        parent = tree._remove_leaf(leaf)
+        if parent is not None and parent.lock == 0:
+            heapq.heappush(heap, (parent.last_access, id(parent), parent))
+    return freed
