@@ -89,18 +89,19 @@ def layer_ops_case(model: str, rows: int, hidden: int, inter: int, heads: int, d
     norm, rope = RMSNorm(hidden, 1e-5), RotaryEmbedding(d, 4096, 10000.0, None)
     x, res = torch.randn(rows, hidden), torch.randn(rows, hidden)
     qkv, gate_up = torch.randn(rows, (heads + heads // 2 * 2) * d), torch.randn(rows, 2 * inter)
-    table = rope.table(torch.arange(rows) % 4096)
     qk = qkv[:, :(heads + heads // 2) * d].view(rows, -1, d)
-    ops = {"RMSNorm + residual": lambda: norm(x, res.clone()), "RoPE (q and k)": lambda: RotaryEmbedding.apply(qk, *table),
-           "SiLU-and-mul": lambda: silu_and_mul(gate_up)}
-    out = []
+
+    def timings() -> list[float]:
+        table = rope.table(torch.arange(rows) % 4096, torch.float32)  # shaped for the path in use
+        ops = [lambda: norm(x, res.clone()), lambda: RotaryEmbedding.apply(qk, *table), lambda: silu_and_mul(gate_up)]
+        return [median_ms(fn, reps) for fn in ops]
+
     with torch.inference_mode():
-        for name, fn in ops.items():
-            fused = median_ms(fn, reps)
-            with mock.patch.object(layers, "_cpu_kernels", lambda t: False):
-                eager = median_ms(fn, reps)
-            out.append([model, name, rows, f"{eager * 1e3:.1f}", f"{fused * 1e3:.1f}", f"**{eager / fused:.1f}x**"])
-    return out
+        fused = timings()
+        with mock.patch.object(layers, "_cpu_kernels", lambda t: False):
+            eager = timings()
+    return [[model, name, rows, f"{e * 1e3:.1f}", f"{f * 1e3:.1f}", f"**{e / f:.1f}x**"]
+            for name, e, f in zip(("RMSNorm + residual", "RoPE (q and k)", "SiLU-and-mul"), eager, fused)]
 
 
 def main() -> None:

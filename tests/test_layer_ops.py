@@ -57,7 +57,7 @@ def test_rope_in_place_on_fused_qkv_matches_transformers(d, nh, nkv, dtype):
     q_ref, k_ref = apply_rotary_pos_emb(q.float(), k.float(), cos[None], sin[None])
     v_before = qkv[:, (nh + nkv) * d:].clone()
     view = qkv[:, :(nh + nkv) * d].view(t, nh + nkv, d)  # strided: a column block of qkv
-    out = RotaryEmbedding.apply(view, *rope.table(positions))
+    out = RotaryEmbedding.apply(view, *rope.table(positions, dtype))
     assert out.data_ptr() == qkv.data_ptr()  # rotated in place
     torch.testing.assert_close(out[:, :nh].float(), q_ref[0].transpose(0, 1), **TOL[dtype])
     torch.testing.assert_close(out[:, nh:].float(), k_ref[0].transpose(0, 1), **TOL[dtype])

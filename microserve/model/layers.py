@@ -83,16 +83,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", torch.cat([freqs, freqs], dim=-1).cos(), persistent=False)
         self.register_buffer("sin_signed", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
-    def table(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin rows for `positions` ([T]), as [T, D] fp32."""
-        return self.cos[positions], self.sin_signed[positions]
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin rows for `positions` ([T]), shaped for `apply`: [T, D] fp32 for the
+        CPU kernel, else [T, 1, D] in `dtype` (cast once per forward, not per layer)."""
+        cos, sin_signed = self.cos[positions], self.sin_signed[positions]
+        if _cpu_kernels(positions):
+            return cos, sin_signed
+        return cos.unsqueeze(1).to(dtype), sin_signed.unsqueeze(1).to(dtype)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D] (any row/head strides) -> x rotated: in place on the CPU path (x is
-        returned), a rotated copy otherwise."""
+        """x: [T, heads, D] (any row/head strides), cos/sin_signed from `table` -> x rotated: in
+        place on the CPU kernel path (x is returned), a rotated copy otherwise."""
         if _cpu_kernels(x):
             torch.ops.microserve.rotary_embedding(x, cos, sin_signed)
             return x
-        cos, sin_signed = cos.unsqueeze(1).to(x.dtype), sin_signed.unsqueeze(1).to(x.dtype)
         return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed

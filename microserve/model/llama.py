@@ -86,7 +86,7 @@ class LlamaForCausalLM(nn.Module):
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids, positions: [T]. Returns fp32 logits for the rows in `logits_indices` (all if None)."""
         x, residual = self.embed_tokens(input_ids), None
-        rope = self.rotary.table(positions)  # once per forward, shared by every layer
+        rope = self.rotary.table(positions, x.dtype)  # once per forward, shared by every layer
         for layer in self.layers:
             x, residual = layer(x, residual, rope, ctx)
         if logits_indices is not None:
