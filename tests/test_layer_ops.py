@@ -64,6 +64,14 @@ def test_rope_in_place_on_fused_qkv_matches_transformers(d, nh, nkv, dtype):
     assert torch.equal(qkv[:, (nh + nkv) * d:], v_before)  # v untouched
 
 
+def test_silu_and_mul_is_finite_at_extreme_inputs():
+    """Large negative gates give ~0, not NaN (the kernel is built with -ffast-math, where an
+    overflowing exp once made NaN of them), and large positive ones give the gate itself."""
+    gate = torch.tensor([[-1e4, -100.0, -88.0, -20.0, 0.0, 20.0, 100.0, 1e4]])
+    x = torch.cat([gate, torch.full_like(gate, 2.0)], dim=1)
+    torch.testing.assert_close(silu_and_mul(x), F.silu(gate) * 2.0, rtol=1e-6, atol=1e-30)
+
+
 def test_layer_ops_reject_bad_shapes():
     with pytest.raises(RuntimeError, match="rms_norm"):
         torch.ops.microserve.rms_norm(torch.randn(4, 8), None, torch.randn(7), 1e-5, torch.empty(4, 8))

@@ -13,6 +13,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -73,8 +74,10 @@ void silu_and_mul(const at::Tensor& x, at::Tensor& out) {
         scalar_t* o = op + r * n;
         for (int64_t i = 0; i < n; ++i) {
           const float a = static_cast<float>(g[i]);
-          // silu rounded to the dtype before the product, as the two eager ops would
-          const float s = static_cast<float>(static_cast<scalar_t>(a / (1.f + std::exp(-a))));
+          // exp's argument is capped so it stays finite: under -ffast-math an infinite exp turned
+          // a / (1 + exp(-a)) into NaN for a below ~-88 (instead of ~0, which the cap still gives).
+          // silu is rounded to the dtype before the product, as the two eager ops would round it.
+          const float s = static_cast<float>(static_cast<scalar_t>(a / (1.f + std::exp(std::min(-a, 80.f)))));
           o[i] = static_cast<scalar_t>(s * static_cast<float>(u[i]));
         }
       }
