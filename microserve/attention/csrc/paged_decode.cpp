@@ -61,6 +61,8 @@ inline Vec<W> load_float(const T* p) {
 // shuffles and adds (a transpose as it sums) costs ~3 ops per sum where eight separate horizontal
 // sums cost ~6 each. Each level halves the lanes a vector holds per input and pairs inputs up;
 // the tree leaves input i in lane bitreverse3(i), so inputs are taken in that order.
+// (__builtin_shufflevector is Clang's and GCC's from 12; with an older compiler the build fails and
+// `--attention-backend auto` takes the torch backend.)
 inline Vec8 sum_lanes8(const Vec8 (&a)[8]) {
   Vec8 b[4], c[2];
   constexpr int r[8] = {0, 4, 2, 6, 1, 5, 3, 7};  // bitreverse3, its own inverse
