@@ -23,7 +23,8 @@ import torch
 
 from _common import ROOT, md_table, median_ms
 
-CSRC = ROOT / "microserve" / "attention" / "csrc"
+from microserve.attention.cpu_backend import CFLAGS, CSRC  # the engine's own build flags and headers
+
 SOURCE = "microserve/attention/csrc/paged_decode.cpp"
 CASES = [  # name, head dim, batch, ctx, pool MiB, shuffled
     ("D8 B16 ctx<=192 seq", 8, 16, 192, 16, False),
@@ -42,8 +43,8 @@ def build(text: str, suffix: str, workdir: str):
     path = os.path.join(workdir, f"paged_decode_{suffix}.cpp")
     with open(path, "w") as f:
         f.write(text)
-    load(f"microserve_decode_ab_{suffix}", [path], extra_cflags=["-O3", "-march=native", "-ffast-math"],
-         extra_include_paths=[str(CSRC)], build_directory=workdir, is_python_module=False)
+    load(f"microserve_decode_ab_{suffix}", [path], extra_cflags=CFLAGS, extra_include_paths=[CSRC],
+         build_directory=workdir, is_python_module=False)
     return getattr(torch.ops.microserve, f"paged_decode_attention_{suffix}")
 
 

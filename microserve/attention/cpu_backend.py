@@ -25,15 +25,15 @@ from microserve.attention.torch_backend import TorchSDPABackend
 log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
+CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 # One library for all CPU kernels: attention here, and the model's fused layer ops (RMSNorm, RoPE,
 # SiLU-and-mul), which microserve/model/layers.py uses once the library is loaded (kernels_loaded()).
-_SOURCES = [os.path.join(_CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")] + [
+_SOURCES = [os.path.join(CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")] + [
     os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "csrc", "layer_ops.cpp")]
 # -ffast-math lets the float reductions and expf vectorize (glibc's libmvec). It is a compile flag
 # only: cpp_extension links without it, so crtfastmath (which would flush denormals for the whole
 # process) is never linked in.
-_CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+CFLAGS = ["-O3", "-march=native", "-ffast-math"]
 
 
 def _build_name() -> str:
@@ -62,7 +62,7 @@ def _load(name: str) -> None:
         fcntl.flock(f, fcntl.LOCK_EX)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(build_dir, "lock"))
-        load(name, _SOURCES, extra_cflags=_CFLAGS, extra_include_paths=[_CSRC], build_directory=build_dir,
+        load(name, _SOURCES, extra_cflags=CFLAGS, extra_include_paths=[CSRC], build_directory=build_dir,
              is_python_module=False)
 
 
