@@ -227,3 +227,24 @@ def test_cpu_kernel_build_survives_a_stale_lock(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)},
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0 and r.stdout.strip() == "None", r.stderr[-2000:]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_store_kv_matches_index_copy(dtype):
+    """The kernel's K/V store (one call) writes exactly what torch's two index_copy_ calls write,
+    from k and v given as column blocks of a fused qkv, and refuses a slot outside the pool."""
+    from microserve.attention.torch_backend import store_kv
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(2, 12, 4, 2, 8, generator=g).to(dtype)  # [2, pages, page_size, Hkv, D]
+    qkv = torch.randn(5, (4 + 2 + 2) * 8, generator=g).to(dtype)
+    k, v = qkv[:, 32:48].view(5, 2, 8), qkv[:, 48:].view(5, 2, 8)
+    slots = torch.tensor([0, 7, 13, 46, 47])
+    ref = pool.clone()
+    store_kv(ref, k, v, slots)
+    torch.ops.microserve.store_kv(pool, k, v, slots)
+    assert torch.equal(pool, ref)
+    with pytest.raises(RuntimeError, match="slot 48 is outside"):
+        torch.ops.microserve.store_kv(pool, k, v, torch.tensor([0, 1, 2, 3, 48]))
+    with pytest.raises(RuntimeError, match="like the pool's rows"):
+        torch.ops.microserve.store_kv(pool, k[:, :1], v[:, :1], slots)

@@ -1,7 +1,8 @@
 """The fused CPU layer ops (model/csrc/layer_ops.cpp) against transformers' own Llama pieces:
 RMSNorm with and without the residual add, SiLU-and-mul, and RoPE in place on the q/k heads of a
-fused qkv (strided), in fp32 and half precision, plus their shape checks. The model-level agreement
-with transformers runs through these ops in test_model_parity.py."""
+fused qkv (strided), in fp32 and half precision; the two calls a decoder layer makes around its
+attention against the same steps done one op at a time; and their shape checks. The model-level
+agreement with transformers runs through these ops in test_model_parity.py."""
 from __future__ import annotations
 
 import pytest
@@ -81,3 +82,62 @@ def test_layer_ops_reject_bad_shapes():
         torch.ops.microserve.silu_and_mul(torch.randn(4, 9), torch.empty(4, 4))
     with pytest.raises(RuntimeError, match="rotary_embedding"):
         torch.ops.microserve.rotary_embedding(torch.randn(4, 2, 8), torch.randn(4, 6), torch.randn(4, 6))
+
+
+def _weight_t(g: torch.Generator, n_in: int, n_out: int) -> torch.Tensor:
+    return (torch.randn(n_in, n_out, generator=g) * n_in ** -0.5).contiguous()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("first_layer", [False, True])
+@pytest.mark.parametrize("rows", [1, 16, 100])
+def test_fused_layer_ops_match_the_separate_ops(rows, first_layer, bias):
+    """norm_qkv_rope and oproj_norm_mlp against RMSNorm, F.linear, RoPE and SiLU-and-mul one at a
+    time (the layer's unfused path), with and without a residual stream (layer 0 has none) and
+    biases (Qwen2's qkv)."""
+    g = torch.Generator().manual_seed(rows)
+    hidden, nh, nkv, d, inter = 64, 8, 4, 8, 172
+    nqkv = (nh + 2 * nkv) * d
+    x, res = torch.randn(rows, hidden, generator=g), torch.randn(rows, hidden, generator=g)
+    ln1, ln2 = RMSNorm(hidden, 1e-5), RMSNorm(hidden, 1e-6)
+    with torch.no_grad():
+        ln1.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
+        ln2.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
+    w_qkv, w_o, w_gu, w_d = (_weight_t(g, hidden, nqkv), _weight_t(g, nh * d, hidden), _weight_t(g, hidden, 2 * inter),
+                             _weight_t(g, inter, hidden))
+    b = (lambda n: torch.randn(n, generator=g)) if bias else (lambda n: None)
+    b_qkv, b_o, b_gu, b_d = b(nqkv), b(hidden), b(2 * inter), b(hidden)
+    rope = RotaryEmbedding(d, 512, 10000.0, None)
+    cos, sin = rope.table(torch.randint(0, 512, (rows,), generator=g), torch.float32)
+
+    with torch.no_grad():
+        stream = None if first_layer else res.clone()
+        qkv = torch.ops.microserve.norm_qkv_rope(x, stream, ln1.weight, ln1.eps, w_qkv, b_qkv, cos, sin, nh + nkv, d)
+        ref_stream = x.clone() if first_layer else res + x
+        ref_qkv = F.linear(ln1(ref_stream), w_qkv.t(), b_qkv)
+        RotaryEmbedding.apply(ref_qkv[:, :(nh + nkv) * d].view(rows, nh + nkv, d), cos, sin)
+        torch.testing.assert_close(qkv, ref_qkv, rtol=1e-5, atol=1e-5)
+        if not first_layer:
+            torch.testing.assert_close(stream, ref_stream, rtol=0, atol=0)
+
+        attn = torch.randn(rows, nh * d, generator=g)
+        stream = ref_stream.clone()
+        out = torch.ops.microserve.oproj_norm_mlp(attn, stream, w_o, b_o, ln2.weight, ln2.eps, w_gu, b_gu, w_d, b_d)
+        h, ref_stream = ln2(F.linear(attn, w_o.t(), b_o), ref_stream.clone())
+        ref = F.linear(silu_and_mul(F.linear(h, w_gu.t(), b_gu)), w_d.t(), b_d)
+        torch.testing.assert_close(stream, ref_stream, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_layer_ops_reject_bad_shapes():
+    x, w = torch.randn(4, 64), torch.randn(64, 128)
+    cos = sin = torch.zeros(4, 8)
+    with pytest.raises(RuntimeError, match="weight must be \\[64, N\\]"):
+        torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, torch.randn(63, 128), None, cos, sin, 12, 8)
+    with pytest.raises(RuntimeError, match="exceeds qkv"):
+        torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, w, None, cos, sin, 17, 8)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, w, torch.randn(127), cos, sin, 12, 8)
+    with pytest.raises(RuntimeError, match="down_proj"):
+        torch.ops.microserve.oproj_norm_mlp(x, x.clone(), torch.randn(64, 64), None, torch.ones(64), 1e-5,
+                                            torch.randn(64, 344), None, torch.randn(170, 64), None)

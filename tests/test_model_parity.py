@@ -118,6 +118,27 @@ def test_prefill_logits_match_transformers(variant, n):
     engine.cache.check()
 
 
+def test_fused_cpu_layers_match_the_layer_by_layer_path(variant):
+    """The CPU default runs each decoder layer as two fused calls around its attention; the
+    layer-by-layer path (one op at a time, as on CUDA) must give the same logits."""
+    _, _, engine = variant
+    layers = engine.model.layers
+    if engine.device.type != "cpu" or layers[0].fused is None:
+        pytest.skip("the fused layer path is the CPU kernel library's")
+    prompt = prompt_ids(7, 40)
+    fused = engine_prefill_logits(engine, prompt)
+    saved = [layer.fused for layer in layers]
+    try:
+        for layer in layers:
+            layer.fused = None
+        plain = engine_prefill_logits(engine, prompt)
+    finally:
+        for layer, f in zip(layers, saved):
+            layer.fused = f
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    assert fused.abs().max().item() > 0.1
+
+
 def test_greedy_32_tokens_match_transformers_generate(variant):
     _, hf, engine = variant
     prompt = prompt_ids(123, 21)

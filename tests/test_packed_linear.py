@@ -1,7 +1,8 @@
-"""CPU linears through oneDNN's packed weights (model/packed_linear.py): the same products as
-F.linear, the small-product path exactly F.linear, and an engine's model packed throughout with
-its parameters (names, the tied lm_head) unchanged. The model-level agreement with transformers
-runs through the packed path in test_model_parity.py."""
+"""CPU linears on laid-out weights (model/packed_linear.py): on both routes (the kernel library's
+brgemm GEMM for fp32, oneDNN's packed weights otherwise) the same products as F.linear, the
+oneDNN route's small products exactly F.linear, and an engine's model laid out throughout with its
+parameters (names, the tied lm_head) unchanged. The model-level agreement with transformers runs
+through the default route (brgemm, with the fused layer ops) in test_model_parity.py."""
 from __future__ import annotations
 
 import os
@@ -13,6 +14,8 @@ from torch import nn
 
 from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
+from microserve.attention.cpu_backend import kernel_error
+from microserve.model import packed_linear
 from microserve.model.packed_linear import MIN_PACKED_MACS, PackedLinear, packing_error
 
 STORIES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "models", "stories260K")
@@ -20,19 +23,55 @@ needs_onednn = pytest.mark.skipif(packing_error(torch.float32) is not None,
                                   reason=f"oneDNN packing unavailable: {packing_error(torch.float32)}")
 
 
+needs_kernels = pytest.mark.skipif(kernel_error() is not None, reason=f"no CPU kernels: {kernel_error()}")
+
+
+def _linear(rows: int, bias: bool, in_features: int = 96, out_features: int = 200):
+    g = torch.Generator().manual_seed(rows)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out_features, in_features, generator=g))
+        if bias:
+            linear.bias.copy_(torch.randn(out_features, generator=g))
+    return linear, torch.randn(rows, in_features, generator=g)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64, 65, 300, 2048])
+def test_brgemm_route_matches_f_linear(rows, bias):
+    # 600 outputs: two full 256-column tiles and an edge; rows cross the 64-row tiles
+    linear, x = _linear(rows, bias, out_features=600)
+    packed = PackedLinear(linear)
+    assert packed.weight_t is not None and packed.packed is None
+    torch.testing.assert_close(packed(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-4)
+    wide = torch.randn(rows, 3 * 96)  # rows of a wider tensor (a strided view), and a 3-d input
+    torch.testing.assert_close(packed(wide[:, 96:192]), F.linear(wide[:, 96:192], linear.weight, linear.bias),
+                               rtol=1e-5, atol=1e-4)
+    assert packed(x.view(1, rows, 96)).shape == (1, rows, 600)
+
+
+@needs_kernels
+def test_brgemm_linear_rejects_bad_inputs():
+    w_t = torch.randn(96, 200)
+    with pytest.raises(RuntimeError, match="w_t"):
+        torch.ops.microserve.linear(torch.randn(4, 95), w_t, None)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        torch.ops.microserve.linear(torch.randn(4, 96).double(), w_t.double(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.microserve.linear(torch.randn(4, 96), w_t, torch.randn(199))
+
+
 @needs_onednn
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 64, 300, 2048])
-def test_packed_linear_matches_f_linear(rows, bias):
-    g = torch.Generator().manual_seed(rows)
-    linear = nn.Linear(96, 200, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(200, 96, generator=g))
-        if bias:
-            linear.bias.copy_(torch.randn(200, generator=g))
-    x = torch.randn(rows, 96, generator=g)
+def test_onednn_route_matches_f_linear(rows, bias, monkeypatch):
+    monkeypatch.setattr(packed_linear, "kernels_loaded", lambda: False)  # as under --attention-backend torch
+    linear, x = _linear(rows, bias)
     ref = F.linear(x, linear.weight, linear.bias)
-    out = PackedLinear(linear)(x)
+    packed = PackedLinear(linear)
+    assert packed.weight_t is None
+    out = packed(x)
     if x.numel() * 200 < MIN_PACKED_MACS:
         assert torch.equal(out, ref)  # small products take F.linear itself
     else:
@@ -56,6 +95,8 @@ def test_engine_model_is_packed_with_its_parameters_unchanged():
         assert not [n for n, mod in m.named_modules() if type(mod) is nn.Linear]
         packed = [n for n, mod in m.named_modules() if isinstance(mod, PackedLinear)]
         assert len(packed) == 4 * m.cfg.num_layers + 1  # qkv, o, gate_up, down per layer, lm_head
+        if kernel_error() is None:  # the CPU default: fp32 weights laid out for the library's GEMM
+            assert all(m.get_submodule(n).weight_t is not None for n in packed)
         assert m.lm_head.weight is m.embed_tokens.weight  # still tied
         names = {n for n, _ in m.named_parameters()}
         assert "layers.0.self_attn.qkv_proj.weight" in names and "embed_tokens.weight" in names

@@ -1,5 +1,6 @@
 """The CPU default: compiled attention kernels that read the paged pool in place, one for decode
-(csrc/paged_decode.cpp) and one for prefill chunks (csrc/paged_prefill.cpp).
+(csrc/paged_decode.cpp) and one for prefill chunks (csrc/paged_prefill.cpp), and one call that
+stores a step's new K/V (csrc/store_kv.cpp).
 
 The kernels are compiled on first use with torch.utils.cpp_extension (a few seconds, once per CPU
 type, Python and torch version; later starts load them from the cache in $TORCH_EXTENSIONS_DIR,
@@ -26,10 +27,12 @@ log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
-# One library for all CPU kernels: attention here, and the model's fused layer ops (RMSNorm, RoPE,
-# SiLU-and-mul), which microserve/model/layers.py uses once the library is loaded (kernels_loaded()).
-_SOURCES = [os.path.join(CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp")] + [
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "csrc", "layer_ops.cpp")]
+# One library for all CPU kernels: attention here, and the model's GEMM and fused layer ops
+# (model/csrc), which model/layers.py, model/llama.py and model/packed_linear.py use once the library
+# is loaded (kernels_loaded()).
+MODEL_CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "model", "csrc")
+_SOURCES = [os.path.join(CSRC, name) for name in ("paged_decode.cpp", "paged_prefill.cpp", "store_kv.cpp")] + [
+    os.path.join(MODEL_CSRC, name) for name in ("gemm.cpp", "layer_ops.cpp")]
 # -ffast-math lets the float reductions and expf vectorize (glibc's libmvec). It is a compile flag
 # only: cpp_extension links without it, so crtfastmath (which would flush denormals for the whole
 # process) is never linked in.
@@ -62,7 +65,7 @@ def _load(name: str) -> None:
         fcntl.flock(f, fcntl.LOCK_EX)
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(build_dir, "lock"))
-        load(name, _SOURCES, extra_cflags=CFLAGS, extra_include_paths=[CSRC], build_directory=build_dir,
+        load(name, _SOURCES, extra_cflags=CFLAGS, extra_include_paths=[CSRC, MODEL_CSRC], build_directory=build_dir,
              is_python_module=False)
 
 
@@ -109,13 +112,18 @@ class CPUPagedBackend(TorchSDPABackend):
     def _fits(q: torch.Tensor, kv_layer: torch.Tensor) -> bool:
         return q.dtype in _KERNEL_DTYPES and kv_layer.dtype == q.dtype and q.device.type == "cpu"
 
+    def _store(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        if not self._fits(k, kv_layer) or k.stride(-1) != 1 or k.stride(1) != k.shape[2] or v.stride(1) != v.shape[2]:
+            super()._store(kv_layer, k, v, meta)
+            return
+        torch.ops.microserve.store_kv(kv_layer, k, v, meta.slot_mapping)
+
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
         if not self._fits(q, kv_layer) or q.stride(-1) != 1:
             super()._decode(q, kv_layer, meta, out)
             return
-        nd = meta.num_decodes
-        torch.ops.microserve.paged_decode_attention(q, kv_layer, meta.block_tables[:nd], meta.seq_lens[:nd],
-                                                    self.scale, out)
+        # the kernel reads the first len(q) rows of the tables and lengths: the decodes' (no slicing)
+        torch.ops.microserve.paged_decode_attention(q, kv_layer, meta.block_tables, meta.seq_lens, self.scale, out)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata, out: torch.Tensor) -> None:

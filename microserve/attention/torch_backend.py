@@ -30,16 +30,21 @@ class TorchSDPABackend(AttentionBackend):
     def forward(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 ctx: ForwardContext) -> torch.Tensor:
         meta, kv_layer = ctx.meta, ctx.kv[layer]
-        store_kv(kv_layer, k, v, meta.slot_mapping)
+        self._store(kv_layer, k, v, meta)
         if ctx.layer_hook is not None:
             ctx.layer_hook(layer)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd:
+        if nd == len(q):  # decodes only (the common serving step): no row slicing
+            self._decode(q, kv_layer, meta, out)
+        elif nd:
             self._decode(q[:nd], kv_layer, meta, out[:nd])
         if nd < meta.num_seqs:
             self._prefill(q, k, v, kv_layer, meta, out)
         return out
+
+    def _store(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        store_kv(kv_layer, k, v, meta.slot_mapping)
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata, out: torch.Tensor) -> None:

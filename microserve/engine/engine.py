@@ -336,7 +336,7 @@ class Engine:
             hits = [i for i in (text.find(s, max(len(req.text) - len(s), 0)) for s in p.stop) if i >= 0]
             if hits:
                 text, reason = text[:min(hits)], "stop"
-        if reason is None and (len(req.output_ids) >= p.max_tokens or len(req.token_ids) >= self.max_model_len):
+        if reason is None and (req.num_output >= p.max_tokens or len(req.token_ids) >= self.max_model_len):
             reason = "length"
         # Hold back text that could still grow into a stop string, unless we are done.
         hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
@@ -347,7 +347,7 @@ class Engine:
         return self._output(req, [tok], new_text, False, None)
 
     def _output(self, req, new_ids, text, finished, reason) -> RequestOutput:
-        return RequestOutput(req.rid, new_ids, text, finished, reason, req.num_prompt, len(req.output_ids),
+        return RequestOutput(req.rid, new_ids, text, finished, reason, req.num_prompt, req.num_output,
                              req.num_cached_tokens, req.error, req.error_status)
 
     def _finish(self, req: Request, reason: str, new_ids: list[int] | None = None, text: str = "") -> RequestOutput:
@@ -362,7 +362,7 @@ class Engine:
         s.requests_finished[reason] = s.requests_finished.get(reason, 0) + 1
         if not req.send_only:
             s.prompt_tokens += req.num_prompt
-            s.generation_tokens += len(req.output_ids)
+            s.generation_tokens += req.num_output
             s.prefix_hit_tokens += req.num_cached_tokens
         return self._output(req, new_ids or [], text, True, reason)
 

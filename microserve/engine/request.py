@@ -58,6 +58,10 @@ class Request:
         return self.token_ids[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - len(self.prompt_ids)
+
+    @property
     def num_remaining(self) -> int:
         """Tokens still to compute before the next sample (or, for send_only, before done)."""
         return len(self.token_ids) - self.num_computed

@@ -27,11 +27,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], ctx: ForwardContext) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         # q and k heads are adjacent in qkv: rotate them in one go
-        qk = RotaryEmbedding.apply(qkv[:, :self.q_size + self.kv_size].view(-1, self.nh + self.nkv, self.hd), *rope)
-        q, k = qk[:, :self.nh], qk[:, self.nh:]
+        qk = RotaryEmbedding.apply(self.qk_heads(qkv), *rope)
+        return self.o_proj(self.attend(qk, qkv, ctx))
+
+    def qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """The q and k heads of a fused qkv, as one [T, nh + nkv, hd] view."""
+        return qkv[:, :self.q_size + self.kv_size].view(-1, self.nh + self.nkv, self.hd)
+
+    def attend(self, qk: torch.Tensor, qkv: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """Attention of the rotated q/k heads `qk` and the v columns of `qkv`; returns [T, q_size]."""
         v = qkv[:, self.q_size + self.kv_size:].view(-1, self.nkv, self.hd)
-        o = self.backend.forward(self.layer, q, k, v, ctx)
-        return self.o_proj(o.reshape(-1, self.q_size))
+        o = self.backend.forward(self.layer, qk[:, :self.nh], qk[:, self.nh:], v, ctx)
+        return o.reshape(-1, self.q_size)
 
 
 class MLP(nn.Module):
@@ -51,17 +58,43 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer, backend)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.fused: tuple | None = None  # the fused ops' weights, when bind_fused() found them laid out
+
+    def bind_fused(self) -> None:
+        """Take the fused CPU path from now on if the linears were laid out for the kernel library's
+        GEMM (pack_linears, fp32): collects what its two calls take, so a forward looks nothing up."""
+        attn, mlp, ln1, ln2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
+        if getattr(mlp.down_proj, "weight_t", None) is None:
+            self.fused = None
+            return
+        self.fused = ((ln1.weight, ln1.eps, attn.qkv_proj.weight_t, attn.qkv_proj.bias),
+                      (attn.nh + attn.nkv, attn.hd),
+                      (attn.o_proj.weight_t, attn.o_proj.bias, ln2.weight, ln2.eps, mlp.gate_up_proj.weight_t,
+                       mlp.gate_up_proj.bias, mlp.down_proj.weight_t, mlp.down_proj.bias))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rope, ctx: ForwardContext):
         """x: the previous layer's output (the embeddings for layer 0, with residual None); residual:
         the stream so far. Returns (this layer's output, the stream), the stream not yet holding the
         output: the next norm adds it in, in the same pass (vLLM's layout)."""
+        if self.fused is not None:
+            return self._forward_fused(x, residual, rope, ctx)
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
         h, residual = self.post_attention_layernorm(self.self_attn(h, rope, ctx), residual)
         return self.mlp(h), residual
+
+    def _forward_fused(self, x: torch.Tensor, residual: torch.Tensor | None, rope, ctx: ForwardContext):
+        """The same layer as two kernel calls around the attention (model/csrc/layer_ops.cpp): at a
+        small model's batch sizes each of the ~20 ops of the path above costs more in dispatch than
+        in arithmetic."""
+        before, heads, after = self.fused
+        qkv = torch.ops.microserve.norm_qkv_rope(x, residual, *before, *rope, *heads)
+        residual = x if residual is None else residual
+        attn = self.self_attn
+        o = attn.attend(attn.qk_heads(qkv), qkv, ctx)
+        return torch.ops.microserve.oproj_norm_mlp(o, residual, *after), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -92,6 +125,11 @@ class LlamaForCausalLM(nn.Module):
         if logits_indices is not None:
             x, residual = x[logits_indices], residual[logits_indices]
         return self.lm_head(self.norm(x, residual)[0]).float()
+
+    def bind_fused(self) -> None:
+        """Once weights are final (after pack_linears): let each layer pick its fused CPU path."""
+        for layer in self.layers:
+            layer.bind_fused()
 
     def shard_sizes(self, ours: str) -> list[int]:
         c = self.cfg

@@ -96,4 +96,5 @@ def load_model(path: str, cfg: ModelConfig, load_format: str, dtype: torch.dtype
         raise ValueError(f"unknown load format {load_format!r} (choose auto, safetensors, dummy)")
     if device.type == "cpu":
         pack_linears(model)  # after loading: the packed copies are taken from the loaded weights
+        model.bind_fused()
     return model.eval()

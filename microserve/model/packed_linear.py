@@ -1,13 +1,18 @@
-"""CPU linear layers through oneDNN with weights reordered once into its blocked layout.
+"""CPU linear layers on weights laid out once, at load, for a faster GEMM than torch's F.linear.
 
 torch's CPU `F.linear` goes to the BLAS it was built with, which on this project's machines (AMD
-EPYC, AVX-512) reaches 50-100 GFLOP/s on one core; oneDNN's matmul on a pre-packed weight reaches
-150-230 (benchmarks/cpu_ops_micro.py). Each oneDNN call costs ~12 us of fixed overhead, so tiny
-products (a handful of rows through a small layer) stay on `F.linear`; the choice is per call, by
-the size of the product.
+EPYC, AVX-512) reaches 50-100 GFLOP/s on one core. Two faster routes, picked once per model:
+
+- fp32 with the CPU kernel library loaded (the default CPU path): `torch.ops.microserve.linear`,
+  oneDNN's brgemm micro-kernels over output tiles (model/csrc/gemm.cpp) on the weight stored
+  transposed, ~200 GFLOP/s from 16 rows up at ~1 us per call. The fused layer ops
+  (model/csrc/layer_ops.cpp) use the same GEMM and the same `weight_t`.
+- otherwise (bf16/fp16, or `--attention-backend torch`, which builds nothing): oneDNN's matmul on
+  a weight reordered into its blocked layout, 150-230 GFLOP/s, but ~12 us of fixed cost per call,
+  so tiny products (a handful of rows through a small layer) stay on `F.linear`.
 
 The plain weight stays a Parameter (checkpoint names, tied embeddings and exports see an ordinary
-Linear); the packed copy is an extra, unregistered tensor, so CPU linear weights take twice
+Linear); the laid-out copy is an extra, unregistered tensor, so CPU linear weights take twice
 their size in memory. Weights must not change after `pack_linears` (loading happens before it).
 """
 from __future__ import annotations
@@ -18,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from microserve.attention.cpu_backend import kernels_loaded
+
 log = logging.getLogger(__name__)
 
 # Products with fewer multiply-adds than this (rows * in * out) run on F.linear: below it oneDNN's
@@ -26,21 +33,32 @@ MIN_PACKED_MACS = 1 << 20
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for an `nn.Linear` on CPU: same parameters, forward through the packed weight."""
+    """Drop-in for an `nn.Linear` on CPU: same parameters, forward through the laid-out weight.
+    `weight_t` ([in, out], contiguous) is set on the brgemm route, else None."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters (ties survive)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach())
+        w = self.weight.detach()
+        self.weight_t = w.t().contiguous() if brgemm_route(w.dtype) else None
+        self.packed = None if self.weight_t is not None else torch.ops.mkldnn._reorder_linear_weight(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight_t is not None:
+            out = torch.ops.microserve.linear(x.reshape(-1, self.in_features), self.weight_t, self.bias)
+            return out.view(*x.shape[:-1], self.out_features)
         if x.numel() * self.out_features < MIN_PACKED_MACS:
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def brgemm_route(dtype: torch.dtype) -> bool:
+    """Whether fp32 linears of this process go through `torch.ops.microserve.linear`."""
+    return dtype == torch.float32 and kernels_loaded()
 
 
 def packing_error(dtype: torch.dtype) -> str | None:
@@ -64,7 +82,7 @@ def pack_linears(model: nn.Module) -> int:
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not linears:
         return 0
-    why = packing_error(linears[0][1].weight.dtype)
+    why = None if brgemm_route(linears[0][1].weight.dtype) else packing_error(linears[0][1].weight.dtype)
     if why is not None:
         log.warning("linear layers stay on F.linear (oneDNN packing unavailable: %s)", why)
         return 0

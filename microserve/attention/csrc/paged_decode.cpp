@@ -8,8 +8,10 @@
 //   q            [B, Hq, D]              any row and head strides (a view of a fused qkv is fine), unit
 //                                        stride within a head; q heads h*G .. h*G+G-1 share kv head h
 //   kv_layer     [2, P, page_size, Hkv, D]  contiguous (one layer of the pool; 0 = K, 1 = V)
-//   block_tables [B, W] int32            sequence b's token t lives in page block_tables[b][t / page_size]
-//   seq_lens     [B] int32               context length of each sequence, its new token included
+//   block_tables [>= B, W] int32         sequence b's token t lives in page block_tables[b][t / page_size]
+//   seq_lens     [>= B] int32            context length of each sequence, its new token included
+//                                        (only the first B rows of both are read: a mixed batch's
+//                                        decodes come first, so its whole tables can be passed)
 //   out          [B, Hq, D]              written in full
 // q, kv_layer and out share one dtype: fp32, bf16 or fp16. Math is fp32 throughout (half-precision
 // K/V rows are widened as they are read), so only the inputs and the final store are rounded.
@@ -127,10 +129,34 @@ void attend(const float* q, const PoolLayer<T>& pool, int64_t h0, int64_t h1, co
   constexpr int W = kD % 16 == 0 ? 16 : 8, kVecs = kD / W;
   constexpr bool kVector = kD > 0 && kD % 8 == 0;
   // Pass 1: scores[t][j] = scale * q_j . k_t.
+  // With one block of query heads (up to 8: small models, or one kv head's group), its q vectors
+  // and kv head offsets are loaded once, before the walk, instead of per row.
+  Vec<W> q1[kHeadBlock][kVector ? kVecs : 1];
+  int64_t off1[kHeadBlock];
+  const bool one_block = kVector && width == kHeadBlock;
+  if constexpr (kVector) {
+    for (int i = 0; i < kHeadBlock; ++i) {
+      const int64_t j = std::min<int64_t>(i, nq - 1);
+      off1[i] = head_offset[j];
+      for (int c = 0; c < kVecs; ++c) q1[i][c] = load<W>(q + j * kD + c * W);
+    }
+  }
   for_each_row(pool.k, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* krow) {
     microserve::prefetch(krow + (pool.v - pool.k), prefetch_bytes);  // its V row, for pass 3
     float* st = scores + t * width;
     if constexpr (kVector) {
+      if (one_block) {
+        Vec8 dots[kHeadBlock];
+#pragma GCC unroll 8
+        for (int i = 0; i < kHeadBlock; ++i) {
+          Vec<W> v = {};
+#pragma GCC unroll 16
+          for (int c = 0; c < kVecs; ++c) v += q1[i][c] * load_float<W>(krow + off1[i] + c * W);
+          dots[i] = fold_to8(v);
+        }
+        store<8>(st, sum_lanes8(dots) * scale);
+        return;
+      }
       for (int64_t j0 = 0; j0 < width; j0 += kHeadBlock) {
         Vec8 dots[kHeadBlock];
 #pragma GCC unroll 8
@@ -234,7 +260,7 @@ void paged_decode_attention(const at::Tensor& q, const at::Tensor& kv, const at:
   TORCH_CHECK(q.stride(2) == 1 && kv.is_contiguous() && tables.is_contiguous() && lens.is_contiguous() &&
               out.is_contiguous(), "inputs must be contiguous");
   TORCH_CHECK(kv.size(0) == 2 && kv.size(4) == q.size(2) && q.size(1) % kv.size(3) == 0, "shape mismatch");
-  TORCH_CHECK(tables.size(0) == q.size(0) && lens.size(0) == q.size(0) && out.sizes() == q.sizes(), "batch mismatch");
+  TORCH_CHECK(tables.size(0) >= q.size(0) && lens.size(0) >= q.size(0) && out.sizes() == q.sizes(), "batch mismatch");
   microserve::dispatch(q.scalar_type(), q.size(2), "paged_decode_attention", [&](auto t, auto d) {
     run<decltype(t), decltype(d)::value>(q, kv, tables, lens, scale, out);
   });
