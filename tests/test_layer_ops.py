@@ -84,8 +84,10 @@ def test_layer_ops_reject_bad_shapes():
         torch.ops.microserve.rotary_embedding(torch.randn(4, 2, 8), torch.randn(4, 6), torch.randn(4, 6))
 
 
-def _weight_t(g: torch.Generator, n_in: int, n_out: int) -> torch.Tensor:
-    return (torch.randn(n_in, n_out, generator=g) * n_in ** -0.5).contiguous()
+def _weight(g: torch.Generator, n_in: int, n_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """An nn.Linear-style weight [out, in] and its gemm_pack layout (what the fused ops take)."""
+    w = torch.randn(n_out, n_in, generator=g) * n_in ** -0.5
+    return w, torch.ops.microserve.gemm_pack(w)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -103,8 +105,8 @@ def test_fused_layer_ops_match_the_separate_ops(rows, first_layer, bias):
     with torch.no_grad():
         ln1.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
         ln2.weight.copy_(1 + 0.1 * torch.randn(hidden, generator=g))
-    w_qkv, w_o, w_gu, w_d = (_weight_t(g, hidden, nqkv), _weight_t(g, nh * d, hidden), _weight_t(g, hidden, 2 * inter),
-                             _weight_t(g, inter, hidden))
+    (w_qkv, p_qkv), (w_o, p_o), (w_gu, p_gu), (w_d, p_d) = (
+        _weight(g, hidden, nqkv), _weight(g, nh * d, hidden), _weight(g, hidden, 2 * inter), _weight(g, inter, hidden))
     b = (lambda n: torch.randn(n, generator=g)) if bias else (lambda n: None)
     b_qkv, b_o, b_gu, b_d = b(nqkv), b(hidden), b(2 * inter), b(hidden)
     rope = RotaryEmbedding(d, 512, 10000.0, None)
@@ -112,9 +114,9 @@ def test_fused_layer_ops_match_the_separate_ops(rows, first_layer, bias):
 
     with torch.no_grad():
         stream = None if first_layer else res.clone()
-        qkv = torch.ops.microserve.norm_qkv_rope(x, stream, ln1.weight, ln1.eps, w_qkv, b_qkv, cos, sin, nh + nkv, d)
+        qkv = torch.ops.microserve.norm_qkv_rope(x, stream, ln1.weight, ln1.eps, p_qkv, b_qkv, cos, sin, nh + nkv, d)
         ref_stream = x.clone() if first_layer else res + x
-        ref_qkv = F.linear(ln1(ref_stream), w_qkv.t(), b_qkv)
+        ref_qkv = F.linear(ln1(ref_stream), w_qkv, b_qkv)
         RotaryEmbedding.apply(ref_qkv[:, :(nh + nkv) * d].view(rows, nh + nkv, d), cos, sin)
         torch.testing.assert_close(qkv, ref_qkv, rtol=1e-5, atol=1e-5)
         if not first_layer:
@@ -122,9 +124,9 @@ def test_fused_layer_ops_match_the_separate_ops(rows, first_layer, bias):
 
         attn = torch.randn(rows, nh * d, generator=g)
         stream = ref_stream.clone()
-        out = torch.ops.microserve.oproj_norm_mlp(attn, stream, w_o, b_o, ln2.weight, ln2.eps, w_gu, b_gu, w_d, b_d)
-        h, ref_stream = ln2(F.linear(attn, w_o.t(), b_o), ref_stream.clone())
-        ref = F.linear(silu_and_mul(F.linear(h, w_gu.t(), b_gu)), w_d.t(), b_d)
+        out = torch.ops.microserve.oproj_norm_mlp(attn, stream, p_o, b_o, ln2.weight, ln2.eps, p_gu, b_gu, p_d, b_d)
+        h, ref_stream = ln2(F.linear(attn, w_o, b_o), ref_stream.clone())
+        ref = F.linear(silu_and_mul(F.linear(h, w_gu, b_gu)), w_d, b_d)
         torch.testing.assert_close(stream, ref_stream, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -132,7 +134,7 @@ def test_fused_layer_ops_match_the_separate_ops(rows, first_layer, bias):
 def test_fused_layer_ops_reject_bad_shapes():
     x, w = torch.randn(4, 64), torch.randn(64, 128)
     cos = sin = torch.zeros(4, 8)
-    with pytest.raises(RuntimeError, match="weight must be \\[64, N\\]"):
+    with pytest.raises(RuntimeError, match="gemm_pack's \\[64, N\\]"):
         torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, torch.randn(63, 128), None, cos, sin, 12, 8)
     with pytest.raises(RuntimeError, match="exceeds qkv"):
         torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, w, None, cos, sin, 17, 8)

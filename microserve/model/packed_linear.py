@@ -5,7 +5,7 @@ EPYC, AVX-512) reaches 50-100 GFLOP/s on one core. Two faster routes, picked onc
 
 - fp32 with the CPU kernel library loaded (the default CPU path): `torch.ops.microserve.linear`,
   oneDNN's brgemm micro-kernels over output tiles (model/csrc/gemm.cpp) on the weight stored
-  transposed, ~200 GFLOP/s from 16 rows up at ~1 us per call. The fused layer ops
+  transposed in column blocks, ~200 GFLOP/s from 16 rows up at ~1 us per call. The fused layer ops
   (model/csrc/layer_ops.cpp) use the same GEMM and the same `weight_t`.
 - otherwise (bf16/fp16, or `--attention-backend torch`, which builds nothing): oneDNN's matmul on
   a weight reordered into its blocked layout, 150-230 GFLOP/s, but ~12 us of fixed cost per call,
@@ -34,14 +34,15 @@ MIN_PACKED_MACS = 1 << 20
 
 class PackedLinear(nn.Module):
     """Drop-in for an `nn.Linear` on CPU: same parameters, forward through the laid-out weight.
-    `weight_t` ([in, out], contiguous) is set on the brgemm route, else None."""
+    `weight_t` is set on the brgemm route, else None: the weight transposed, [in, out], with its
+    elements in the GEMM's block order (model/csrc/gemm.h), so not usable as a plain matrix."""
 
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters (ties survive)
         w = self.weight.detach()
-        self.weight_t = w.t().contiguous() if brgemm_route(w.dtype) else None
+        self.weight_t = torch.ops.microserve.gemm_pack(w) if brgemm_route(w.dtype) else None
         self.packed = None if self.weight_t is not None else torch.ops.mkldnn._reorder_linear_weight(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

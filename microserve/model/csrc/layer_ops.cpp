@@ -146,7 +146,7 @@ const float* data_or_null(const c10::optional<at::Tensor>& t) { return defined(t
 
 void check_weight(const at::Tensor& w_t, int64_t in, const c10::optional<at::Tensor>& bias, const char* name) {
   TORCH_CHECK(w_t.dim() == 2 && w_t.size(0) == in && w_t.is_contiguous() && w_t.scalar_type() == at::kFloat, name,
-              ": weight must be [", in, ", N] fp32, contiguous (transposed)");
+              ": weight must be gemm_pack's [", in, ", N] fp32 layout");
   TORCH_CHECK(!defined(bias) || (bias->numel() == w_t.size(1) && bias->is_contiguous() && bias->scalar_type() == at::kFloat),
               name, ": bias must be [N] fp32");
 }
