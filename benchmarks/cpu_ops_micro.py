@@ -6,8 +6,10 @@ decode attention cost against the page size.
    shuffled block table) vs torch SDPA (its CPU flash kernel) on dense K/V. Also a prompt over a
    cached prefix, where the torch backend must first gather the prefix out of the pool.
 2. Linear layers of the served models: nn.Linear (F.linear, torch's BLAS) vs the engine's
-   PackedLinear (oneDNN on a pre-packed weight, microserve/model/packed_linear.py), per row count,
-   both called as modules.
+   PackedLinear (microserve/model/packed_linear.py) on both of its routes, the oneDNN matmul on a
+   reordered weight (bf16/fp16, `--attention-backend torch`) and oneDNN's brgemm micro-kernels on
+   blocked weights (fp32 with the kernel library, the CPU default), per row count, all called as
+   modules.
 3. Decode attention (the engine's kernel) per context token against the page size, from a 1 GiB
    pool whose pages are shuffled, as a long-running server's are: B 64, context 232, D 32, all 5
    layers of stories260K-hd32 per step so the pool does not sit in cache.
@@ -33,7 +35,7 @@ from _common import md_table, median_ms
 from microserve.attention.base import AttentionMetadata, ForwardContext
 from microserve.attention.cpu_backend import CPUPagedBackend
 from microserve.attention.torch_backend import TorchSDPABackend
-from microserve.model import layers
+from microserve.model import layers, packed_linear
 from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from microserve.model.packed_linear import PackedLinear
 
@@ -74,14 +76,17 @@ def decode_page_case(ps: int, reps: int, layers: int = 5, hq: int = 8, hkv: int 
 
 def linear_case(name: str, rows: int, k: int, n: int, reps: int):
     linear = nn.Linear(k, n, bias=False)
-    packed = PackedLinear(linear)
+    with mock.patch.object(packed_linear, "kernels_loaded", lambda: False):
+        onednn = PackedLinear(linear)
+    brgemm = PackedLinear(linear)
+    assert onednn.weight_t is None and brgemm.weight_t is not None
     x = torch.randn(rows, k)
     with torch.inference_mode():
-        diff = (packed(x) - linear(x)).abs().max().item()
-        t_plain = median_ms(lambda: linear(x), reps)
-        t_packed = median_ms(lambda: packed(x), reps)
-    return [name, rows, f"{k}x{n}", f"{t_plain * 1e3:.0f}", f"{t_packed * 1e3:.0f}", f"**{t_plain / t_packed:.2f}x**",
-            f"{diff:.1e}"]
+        ref = linear(x)
+        diff = max((m(x) - ref).abs().max().item() for m in (onednn, brgemm))
+        t_plain, t_onednn, t_brgemm = (median_ms(lambda m=m: m(x), reps) for m in (linear, onednn, brgemm))
+    return [name, rows, f"{k}x{n}", f"{t_plain * 1e3:.0f}", f"{t_onednn * 1e3:.0f}", f"{t_brgemm * 1e3:.0f}",
+            f"**{t_plain / t_brgemm:.2f}x**", f"**{t_onednn / t_brgemm:.2f}x**", f"{diff:.1e}"]
 
 
 def layer_ops_case(model: str, rows: int, hidden: int, inter: int, heads: int, d: int, reps: int):
@@ -122,7 +127,8 @@ def main() -> None:
               ("58M qkv_proj", 512, 1024), ("58M gate_up_proj", 512, 3072), ("58M lm_head", 512, 32000)]
     rows = [linear_case(name, m, k, n, a.reps) for name, k, n in shapes for m in (1, 16, 64, 2048)
             if not (m == 2048 and n == 32000)]  # prefill runs lm_head on the last tokens only
-    print(md_table(["layer", "rows", "in x out", "nn.Linear", "PackedLinear", "speed-up", "max abs diff"], rows))
+    print(md_table(["layer", "rows", "in x out", "nn.Linear", "oneDNN route", "brgemm route", "brgemm vs nn.Linear",
+                    "brgemm vs oneDNN", "max abs diff"], rows))
     print("\n### Decode attention per context token vs page size, shuffled 1 GiB pool (ns)\n")
     print(md_table(["page size", "ns per token"], [decode_page_case(ps, a.reps) for ps in (16, 32, 64, 128)]))
     print("\n### Layer ops, eager torch vs fused kernel (us per call; RMSNorm's time includes cloning the residual)\n")
