@@ -286,3 +286,24 @@ def test_slot_runs_match_the_plain_loop():
         assert [tuple(r) for r in cache(src, dst).tolist()] == want
         src[n // 2:] = [s + 1 for s in src[n // 2:]]  # the same list object, changed: no stale answer
         assert [tuple(r) for r in cache(src, dst).tolist()] == plain(src, dst)
+
+
+def _rss_shmem_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
+
+
+def test_shm_pool_is_resident_and_zero_when_allocated():
+    """The shm pool is populated when mapped (as torch.zeros pools are), so no step pays a page
+    fault on its first K/V write into a fresh page; its contents start as zeros."""
+    t = make_transport("shm")
+    try:
+        before = _rss_shmem_kib()
+        pool = t.allocate((2, 2, 256, 16, 4, 64), torch.float32, torch.device("cpu"))
+        kib = pool.numel() * pool.element_size() // 1024
+        assert kib == 16 * 1024
+        grown = _rss_shmem_kib() - before
+        assert grown >= kib - 64, f"only {grown} KiB of the {kib} KiB pool is resident"
+        assert not pool.any()
+    finally:
+        t.close()

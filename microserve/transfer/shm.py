@@ -2,7 +2,10 @@
 
 The pool is a /dev/shm file that is unlinked right after it is mapped: peers open it through
 `/proc/<pid>/fd/<fd>`, and the kernel frees it when the last process holding it exits, so no
-segment outlives a crashed engine.
+segment outlives a crashed engine. It is populated when it is mapped, as the other transports'
+`torch.zeros` pools are when they are zeroed: left to first touch, every fresh 4 KiB page cost a
+fault inside the step that first wrote K/V into it (~2.8 ms of a 2048-token stories260K prefill
+of ~17 ms; 256 MiB populate in ~0.16 s at start-up instead).
 
 A write is one `memmove` per contiguous run and kind (K, V), on the CopyWorker thread. A run is a
 page (16 KiB per layer and kind for an 8-head, 64-dim bf16 model) or more, so each call moves data
@@ -13,6 +16,7 @@ Addresses are bounds-checked against both pools before anything is copied.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import socket
 import uuid
@@ -25,6 +29,18 @@ from microserve.transfer.base import (CopyWorker, KVTransport, ProcessPeer, RunC
 # Copies up to this size run in the caller when the copy thread is idle (a few tokens, a page or
 # two): a ~10 us copy is cheaper than waking the thread. Larger ones overlap compute.
 INLINE_BYTES = 128 << 10
+
+
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def _populate(t: torch.Tensor) -> None:
+    """Fault in every page of a mapped tensor now, writably, without changing its contents."""
+    addr, nbytes = t.data_ptr(), t.numel() * t.element_size()
+    start = addr - addr % mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(addr + nbytes - start), _MADV_POPULATE_WRITE) != 0:
+        t.zero_()  # older kernels: touch it (the file is new, so it is zeros already)
 
 
 class ShmTransport(KVTransport):
@@ -52,6 +68,7 @@ class ShmTransport(KVTransport):
             self.local = torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
         finally:
             os.unlink(path)
+        _populate(self.local)
         self._dtype = str(dtype).removeprefix("torch.")
         self._row = shape[4] * shape[5] * self.local.element_size()  # one token's K (or V) in one layer
         self._slots = shape[2] * shape[3]
