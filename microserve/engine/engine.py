@@ -339,7 +339,7 @@ class Engine:
         if reason is None and (req.num_output >= p.max_tokens or len(req.token_ids) >= self.max_model_len):
             reason = "length"
         # Hold back text that could still grow into a stop string, unless we are done.
-        hold = 0 if reason else max((len(s) - 1 for s in p.stop), default=0)
+        hold = 0 if reason or not p.stop else max(len(s) - 1 for s in p.stop)
         upto = max(len(text) - hold, req.emitted)
         new_text, req.text, req.emitted = text[req.emitted:upto], text, upto
         if reason:

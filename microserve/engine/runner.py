@@ -31,7 +31,8 @@ class ModelRunner:
         self.decode_graphs = decode_graphs
 
     def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
-        return torch.tensor(data, dtype=dtype).to(self.device, non_blocking=True)
+        t = torch.tensor(data, dtype=dtype)
+        return t if self.device.type == "cpu" else t.to(self.device, non_blocking=True)
 
     def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor | None, list[Request], bool]:
         """Compute one step. Returns (logits of the rows to sample, their requests, whether any KV
@@ -64,14 +65,17 @@ class ModelRunner:
                 and graphs.fits(len(qlens), max(slens), width)):
             logits = graphs.run(ids, pos, slots, slens, tables, sample_rows)
             return (logits if sample_rows else None), sample_reqs, False
+        ids_t, pos_t, slots_t = self._tensor([ids, pos, slots])  # one conversion for the three [T] rows
         meta = AttentionMetadata(
-            slot_mapping=self._tensor(slots),
+            slot_mapping=slots_t,
             query_start_loc=self._tensor([0] + list(_cumsum(qlens)), torch.int32),
             seq_lens=self._tensor(slens, torch.int32),
             block_tables=self._tensor([t + [0] * (width - len(t)) for t in tables], torch.int32),
             query_lens_cpu=qlens, seq_lens_cpu=slens, num_decodes=num_decodes, page_size=ps)
         ctx = ForwardContext(meta=meta, kv=self.pool.kv, layer_hook=self._send_hook(sends) if sends else None)
-        logits = self.model(self._tensor(ids), self._tensor(pos), ctx, self._tensor(sample_rows))
+        # every row sampled (a decode step): rows are appended in order, so they are all of them
+        rows = None if len(sample_rows) == len(ids) else self._tensor(sample_rows)
+        logits = self.model(ids_t, pos_t, ctx, rows)
         return (logits if sample_rows else None), sample_reqs, bool(sends)
 
     def _send_hook(self, sends: list[tuple[list[int], list[int], object]]):
