@@ -188,21 +188,38 @@ void attend(const float* q, const PoolLayer<T>& pool, int64_t h0, int64_t h1, co
   // more walks over the (by then cached) rows for wider heads.
   if constexpr (kVector) {
     constexpr int kHeads = kVecs >= 16 ? 1 : 16 / kVecs;
-    for (int64_t j0 = 0; j0 < nq; j0 += kHeads) {
-      const int64_t nh = std::min<int64_t>(kHeads, nq - j0);
-      Vec<W> acc[kHeads][kVecs] = {};
+    // One walk for query heads j0 .. j0+nh-1, their V offsets read once, before it. N heads are
+    // unrolled; when nh == N is known at compile time (kExact) no head is checked per row.
+    auto walk = [&](int64_t j0, int64_t nh, auto n, auto exact) __attribute__((always_inline)) {
+      constexpr int N = decltype(n)::value;
+      constexpr bool kExact = decltype(exact)::value;
+      int64_t off[N];
+      for (int i = 0; i < N; ++i) off[i] = head_offset[std::min<int64_t>(j0 + i, nq - 1)];
+      Vec<W> acc[N][kVecs] = {};
       for_each_row(pool.v, table, page_size, len, row_stride, h0 * D, prefetch_bytes, [&](int64_t t, const T* vrow) {
         const float* pt = scores + t * width + j0;
 #pragma GCC unroll 16
-        for (int i = 0; i < kHeads; ++i) {
-          if (i < nh) {
+        for (int i = 0; i < N; ++i) {
+          if (kExact || i < nh) {
 #pragma GCC unroll 16
-            for (int c = 0; c < kVecs; ++c) acc[i][c] += pt[i] * load_float<W>(vrow + head_offset[j0 + i] + c * W);
+            for (int c = 0; c < kVecs; ++c) acc[i][c] += pt[i] * load_float<W>(vrow + off[i] + c * W);
           }
         }
       });
       for (int64_t i = 0; i < nh; ++i)
         for (int c = 0; c < kVecs; ++c) store<W>(out + (j0 + i) * kD + c * W, acc[i][c]);
+    };
+    using Full = std::integral_constant<int, kHeads>;
+    using Eight = std::integral_constant<int, (kHeads > 8 ? 8 : kHeads)>;  // 8 query heads, at head dims 8 and 16
+    for (int64_t j0 = 0; j0 < nq; j0 += kHeads) {
+      const int64_t nh = std::min<int64_t>(kHeads, nq - j0);
+      if (nh == kHeads) {
+        walk(j0, nh, Full{}, std::true_type{});
+      } else if (nh == Eight::value) {
+        walk(j0, nh, Eight{}, std::true_type{});
+      } else {
+        walk(j0, nh, Full{}, std::false_type{});
+      }
     }
   } else {
     std::fill(out, out + nq * D, 0.f);
