@@ -151,26 +151,51 @@ void check_weight(const at::Tensor& w_t, int64_t in, const c10::optional<at::Ten
               name, ": bias must be [N] fp32");
 }
 
+// Runs f(r0, m, scratch) over chunks of the rows, r0 .. r0+m-1 with m <= kTileM, spread over
+// torch's threads; each task gets one scratch buffer of scratch_per_row floats per row for the
+// op's intermediates. A chunk goes through all of an op's stages with the row functions above:
+// one allocation per task instead of one tensor per stage, and no per-stage checks or dispatch,
+// which is what a decode batch's call costs beside its arithmetic. A single chunk (decode batches)
+// runs on the calling thread, so the GEMMs inside may still split their tiles over threads.
+template <typename F>
+void for_row_chunks(int64_t rows, int64_t scratch_per_row, const at::TensorOptions& opts, F&& f) {
+  const int64_t chunks = (rows + microserve::kTileM - 1) / microserve::kTileM;
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::Tensor scratch = at::empty({std::min(rows, microserve::kTileM) * scratch_per_row}, opts);
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t r0 = c * microserve::kTileM;
+      f(r0, std::min(microserve::kTileM, rows - r0), scratch.data_ptr<float>());
+    }
+  });
+}
+
 // Before attention: qkv = rms_norm(x [+ residual]) @ w_qkv_t + b, then RoPE in place on its first
 // rot_heads heads (q and k). residual, when given, becomes residual + x (the stream), as rms_norm's.
 // x: [T, H] contiguous fp32; w_qkv_t: [H, N]; cos/sin_signed: [T, D]. Returns qkv [T, N].
 at::Tensor norm_qkv_rope(const at::Tensor& x, const c10::optional<at::Tensor>& residual, const at::Tensor& norm_weight,
                          double eps, const at::Tensor& w_qkv_t, const c10::optional<at::Tensor>& b_qkv,
                          const at::Tensor& cos, const at::Tensor& sin_signed, int64_t rot_heads, int64_t head_dim) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat && norm_weight.is_contiguous() &&
+              norm_weight.numel() == x.size(1) && norm_weight.scalar_type() == at::kFloat,
+              "norm_qkv_rope: x must be [T, H] fp32, contiguous, with an [H] norm weight");
+  const bool add = defined(residual);
+  TORCH_CHECK(!add || (residual->sizes() == x.sizes() && residual->is_contiguous() && residual->scalar_type() == at::kFloat),
+              "norm_qkv_rope: residual must match x");
   const int64_t rows = x.size(0), h = x.size(1);
-  at::Tensor normed = at::empty_like(x);
-  rms_norm(x, residual, norm_weight, eps, normed);
   check_weight(w_qkv_t, h, b_qkv, "norm_qkv_rope");
   check_rope_table(cos, sin_signed, rows, head_dim);
   const int64_t n = w_qkv_t.size(1);
   TORCH_CHECK(rot_heads * head_dim <= n && head_dim % 2 == 0, "norm_qkv_rope: rot_heads * head_dim exceeds qkv");
   at::Tensor qkv = at::empty({rows, n}, x.options());
+  const float *xp = x.data_ptr<float>(), *wn = norm_weight.data_ptr<float>(), *w = w_qkv_t.data_ptr<float>();
+  const float *bias = data_or_null(b_qkv), *cp = cos.data_ptr<float>(), *sp = sin_signed.data_ptr<float>();
+  float* rp = add ? residual->data_ptr<float>() : nullptr;
   float* out = qkv.data_ptr<float>();
-  microserve::gemm(normed.data_ptr<float>(), h, rows, h, w_qkv_t.data_ptr<float>(), n, data_or_null(b_qkv), out, n);
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin_signed.data_ptr<float>();
-  at::parallel_for(0, rows, kGrainRows, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) rope_row(out + t * n, rot_heads, head_dim, head_dim, cp + t * head_dim, sp + t * head_dim);
+  for_row_chunks(rows, h, x.options(), [&](int64_t r0, int64_t m, float* normed) {
+    for (int64_t r = 0; r < m; ++r)
+      rms_norm_row(xp + (r0 + r) * h, add ? rp + (r0 + r) * h : nullptr, wn, static_cast<float>(eps), h, normed + r * h);
+    microserve::gemm(normed, h, m, h, w, n, bias, out + r0 * n, n);
+    for (int64_t t = r0; t < r0 + m; ++t) rope_row(out + t * n, rot_heads, head_dim, head_dim, cp + t * head_dim, sp + t * head_dim);
   });
   return qkv;
 }
@@ -188,19 +213,24 @@ at::Tensor oproj_norm_mlp(const at::Tensor& attn, at::Tensor& residual, const at
   check_weight(w_gate_up_t, h, b_gate_up, "oproj_norm_mlp (gate_up_proj)");
   const int64_t inter = w_gate_up_t.size(1) / 2;
   check_weight(w_down_t, inter, b_down, "oproj_norm_mlp (down_proj)");
-  TORCH_CHECK(w_o_t.size(1) == h && w_down_t.size(1) == h && residual.size(0) == rows, "oproj_norm_mlp: shape mismatch");
-  const auto opts = attn.options();
-  at::Tensor o = at::empty({rows, h}, opts), normed = at::empty({rows, h}, opts);
-  at::Tensor gate_up = at::empty({rows, 2 * inter}, opts), act = at::empty({rows, inter}, opts);
-  at::Tensor out = at::empty({rows, h}, opts);
-  microserve::gemm(attn.data_ptr<float>(), attn.stride(0), rows, attn.size(1), w_o_t.data_ptr<float>(), h,
-                   data_or_null(b_o), o.data_ptr<float>(), h);
-  rms_norm(o, residual, norm_weight, eps, normed);
-  microserve::gemm(normed.data_ptr<float>(), h, rows, h, w_gate_up_t.data_ptr<float>(), 2 * inter,
-                   data_or_null(b_gate_up), gate_up.data_ptr<float>(), 2 * inter);
-  silu_and_mul(gate_up, act);
-  microserve::gemm(act.data_ptr<float>(), inter, rows, inter, w_down_t.data_ptr<float>(), h, data_or_null(b_down),
-                   out.data_ptr<float>(), h);
+  TORCH_CHECK(w_o_t.size(1) == h && w_down_t.size(1) == h && residual.dim() == 2 && residual.size(0) == rows &&
+              residual.is_contiguous() && residual.scalar_type() == at::kFloat && norm_weight.numel() == h &&
+              norm_weight.is_contiguous() && norm_weight.scalar_type() == at::kFloat, "oproj_norm_mlp: shape mismatch");
+  at::Tensor out = at::empty({rows, h}, attn.options());
+  const float *ap = attn.data_ptr<float>(), *wn = norm_weight.data_ptr<float>();
+  const float *wo = w_o_t.data_ptr<float>(), *wgu = w_gate_up_t.data_ptr<float>(), *wd = w_down_t.data_ptr<float>();
+  const float *bo = data_or_null(b_o), *bgu = data_or_null(b_gate_up), *bd = data_or_null(b_down);
+  float *rp = residual.data_ptr<float>(), *op = out.data_ptr<float>();
+  const int64_t lda = attn.stride(0), q_size = attn.size(1);
+  // scratch per row: o_proj's output [h], its norm [h], gate/up [2 * inter], the activation [inter]
+  for_row_chunks(rows, 2 * h + 3 * inter, attn.options(), [&](int64_t r0, int64_t m, float* scratch) {
+    float *o = scratch, *normed = o + m * h, *gate_up = normed + m * h, *act = gate_up + m * 2 * inter;
+    microserve::gemm(ap + r0 * lda, lda, m, q_size, wo, h, bo, o, h);
+    for (int64_t r = 0; r < m; ++r) rms_norm_row(o + r * h, rp + (r0 + r) * h, wn, static_cast<float>(eps), h, normed + r * h);
+    microserve::gemm(normed, h, m, h, wgu, 2 * inter, bgu, gate_up, 2 * inter);
+    for (int64_t r = 0; r < m; ++r) silu_and_mul_row(gate_up + r * 2 * inter, inter, act + r * inter);
+    microserve::gemm(act, inter, m, inter, wd, h, bd, op + r0 * h, h);
+  });
   return out;
 }
 
