@@ -136,6 +136,8 @@ def test_fused_layer_ops_reject_bad_shapes():
     cos = sin = torch.zeros(4, 8)
     with pytest.raises(RuntimeError, match="gemm_pack's \\[64, N\\]"):
         torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, torch.randn(63, 128), None, cos, sin, 12, 8)
+    with pytest.raises(RuntimeError, match="residual must match x"):
+        torch.ops.microserve.norm_qkv_rope(x, torch.randn(3, 64), torch.ones(64), 1e-5, w, None, cos, sin, 12, 8)
     with pytest.raises(RuntimeError, match="exceeds qkv"):
         torch.ops.microserve.norm_qkv_rope(x, None, torch.ones(64), 1e-5, w, None, cos, sin, 17, 8)
     with pytest.raises(RuntimeError, match="bias must be"):
