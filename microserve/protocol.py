@@ -11,6 +11,22 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from microserve.errors import ServeError
 
+DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's (chat defaults to the rest of the context)
+
+
+def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str = "prompt") -> int:
+    """vLLM's context rule, the one engines and the router both apply: a prompt that leaves no room
+    for one token (prompt_len >= max_model_len) is a 400 `context_length_exceeded` on `param`
+    ("prompt", or "messages" for chat); any other request is served, with max_tokens (None: all the
+    room left) clamped to max_model_len - prompt_len, so it stops at the context limit with
+    finish_reason "length". Returns the effective max_tokens (a max_tokens < 1 passes through, for
+    the sampling checks to reject)."""
+    if prompt_len >= max_model_len:
+        raise ServeError(f"the prompt has {prompt_len} tokens; this model's context is {max_model_len} tokens, "
+                         f"and at least one must be left to generate", param=param, code="context_length_exceeded")
+    room = max_model_len - prompt_len
+    return room if max_tokens is None else min(max_tokens, room)
+
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
@@ -53,7 +69,7 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     echo: bool = False
     logprobs: int | None = None
 

@@ -290,12 +290,31 @@ def test_invalid_sampling_and_prompts_are_rejected(tok):
     for prompt, params in [([], {}), ([600], {}), (ok, {"max_tokens": 0}), (ok, {"temperature": -1}),
                            (ok, {"temperature": float("nan")}), (ok, {"temperature": float("inf")}),
                            (ok, {"seed": 2**64}), (ok, {"seed": -2**63 - 1}),
-                           (ok, {"top_p": 0.0}), (ok, {"top_p": 1.5}), (ok, {"max_tokens": e.max_model_len}),
-                           ([5] * e.max_model_len, {"max_tokens": 1})]:
+                           (ok, {"top_p": 0.0}), (ok, {"top_p": 1.5}), ([5] * e.max_model_len, {"max_tokens": 1})]:
         with pytest.raises(ServeError) as ei:
             e.add_request("bad", prompt, SamplingParams(**params))
         assert ei.value.status == 400
     assert not e.has_work() and not e.requests
+    assert_kv_clean(e)
+
+
+def test_max_tokens_beyond_context_stops_at_max_model_len(tok):
+    """As vLLM: a prompt that fits with max_tokens past the context is served and ends at
+    max_model_len with finish_reason "length"; only a prompt leaving no room is refused."""
+    e = make_engine(max_model_len=40, page_size=4)
+    prompt = tok.encode(PROMPTS[3])
+    req, outs = generate(e, prompt, max_tokens=10_000, ignore_eos=True)
+    assert req.finish_reason == "length" and outs[-1].finish_reason == "length"
+    assert len(req.token_ids) == e.max_model_len == 40
+    assert outs[-1].num_output_tokens == len(req.output_ids) == 40 - len(prompt)
+    assert req.params.max_tokens == 40 - len(prompt)  # clamped up front, as the router does
+    exact, _ = generate(e, prompt, rid="exact", max_tokens=40 - len(prompt), ignore_eos=True)
+    assert exact.output_ids == req.output_ids
+    last, _ = generate(e, prompt + req.output_ids[:40 - len(prompt) - 1], rid="last", max_tokens=5, ignore_eos=True)
+    assert last.output_ids == req.output_ids[-1:]  # a prompt of max_model_len - 1 tokens gets one
+    with pytest.raises(ServeError) as ei:
+        e.add_request("full", req.token_ids, SamplingParams(max_tokens=1))
+    assert (ei.value.status, ei.value.param, ei.value.code) == (400, "prompt", "context_length_exceeded")
     assert_kv_clean(e)
 
 

@@ -180,8 +180,8 @@ def test_bad_input(cluster):
         assert st == 404 and r["error"]["code"] == "model_not_found"
         st, r = await complete(cluster.url, greedy("hi", model=STORIES + "/"))  # the served one, spelled otherwise
         assert st == 200, r
-        st, r = await complete(cluster.url, greedy("hi", max_tokens=100000))
-        assert st == 400 and "context" in r["error"]["message"]
+        st, r = await complete(cluster.url, greedy([5] * 512, max_tokens=1))  # the prompt alone fills the context
+        assert st == 400 and r["error"]["param"] == "prompt" and r["error"]["code"] == "context_length_exceeded"
         async with aiohttp.ClientSession() as s:
             async with s.post(cluster.url + "/v1/completions", data=b"{not json") as resp:
                 assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_json"
@@ -339,3 +339,54 @@ def test_up_then_sigterm_leaves_nothing(tmp_path):
         except OSError:
             pass
     assert set(os.listdir("/dev/shm")) - before == set()
+
+
+def subrequests(url: str, call: str) -> float:
+    """How many `call`s (prep_recv, remote_send, ...) the router has made to engines, all engines together."""
+    text = urllib.request.urlopen(url + "/metrics").read().decode()
+    return sum(float(l.split()[-1]) for l in text.splitlines()
+               if l.startswith("microserve_router_subrequest_seconds_count{") and f'call="{call}"' in l)
+
+
+def test_context_limit_through_pd(tmp_path):
+    """vLLM's context rule through the router, over prep_recv / remote_send / start_generate: max_tokens
+    past --max-model-len is served and stops at it (finish_reason "length"), token-identical to a single
+    engine; a prompt that leaves no room is a 400 from the router itself, before any engine call."""
+    limit = 64
+    c = Cluster(tmp_path, roles=("prefill", "decode"), engine_args=["--max-model-len", str(limit)])
+    try:
+        async def go():
+            fills = TOK.encode(STORY * 3, add_special_tokens=False)[:limit - 1]
+            for strategy in ("pd", "balanced_pd:balance=0.3"):
+                st, r = await admin(c.url, "/admin/strategy", {"strategy": strategy})
+                assert st == 200, r
+                for prompt in (PROMPTS[1], fills):
+                    body = greedy(prompt, max_tokens=10_000, ignore_eos=True)
+                    st, r = await complete(c.url, body)
+                    assert st == 200, r
+                    choice, usage = r["choices"][0], r["usage"]
+                    room = limit - usage["prompt_tokens"]
+                    assert room >= 1 and choice["finish_reason"] == "length", r
+                    assert usage["completion_tokens"] == len(choice["token_ids"]) == room
+                    assert usage["total_tokens"] == limit
+                    # a single engine: asked for exactly the room left, and asked for too much
+                    st, ref = await complete(c.ref.url, greedy(prompt, max_tokens=room, ignore_eos=True))
+                    assert st == 200 and ref["choices"][0]["token_ids"] == choice["token_ids"], strategy
+                    assert ref["choices"][0]["text"] == choice["text"]
+                    st, one = await complete(c.engines[1].url, body)
+                    assert st == 200 and one["choices"][0]["token_ids"] == choice["token_ids"]
+                    assert one["choices"][0]["finish_reason"] == "length"
+                    ids, text, err = await stream(c.url, body)
+                    assert err is None and ids == choice["token_ids"] and text == choice["text"]
+            before = subrequests(c.url, "prep_recv")
+            for prompt in ([5] * limit, STORY * 3):
+                st, r = await complete(c.url, greedy(prompt, max_tokens=1))
+                assert st == 400, r
+                assert set(r["error"]) == {"message", "type", "param", "code"}
+                assert r["error"]["type"] == "invalid_request_error" and r["error"]["param"] == "prompt"
+                assert r["error"]["code"] == "context_length_exceeded" and f"{limit} tokens" in r["error"]["message"]
+            assert subrequests(c.url, "prep_recv") == before > 0  # refused by the router, no engine asked
+        asyncio.run(go())
+        assert_engines_clean([e.url for e in c.engines])
+    finally:
+        c.stop()

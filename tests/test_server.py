@@ -245,7 +245,6 @@ BAD = [
     ("prompt ids beyond context", {"prompt": [5] * 512, "max_tokens": 1}, 400, "prompt"),
     ("max_tokens 0", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens negative", {"prompt": PROMPT, "max_tokens": -3}, 400, "max_tokens"),
-    ("max_tokens beyond context", {"prompt": PROMPT, "max_tokens": 508}, 400, "max_tokens"),
     ("negative temperature", {"prompt": PROMPT, "temperature": -0.1}, 400, "temperature"),
     ("temperature NaN", b'{"prompt": "Once upon a time", "temperature": NaN}', 400, "temperature"),
     ("temperature infinite", b'{"prompt": "Once upon a time", "temperature": Infinity}', 400, "temperature"),
@@ -413,3 +412,56 @@ def test_keep_freed_memory_respects_user_malloc_settings(monkeypatch):
     assert keep_freed_memory() is True
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert keep_freed_memory() is False
+
+
+# ---- the context limit, as vLLM: max_tokens past it is served, a prompt past it is a 400 ------------
+SHORT_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def short_server(module_engines):
+    url = module_engines.start("--served-model-name", NAME, "--max-model-len", str(SHORT_LEN), "--page-size", "4",
+                               name="short").url
+    assert json.loads(urllib.request.urlopen(url + "/v1/models").read())["data"][0]["max_model_len"] == SHORT_LEN
+    return url
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, [5] * (SHORT_LEN - 1)], ids=["text", "one-token-left"])
+def test_max_tokens_beyond_context_stops_at_max_model_len(short_server, prompt):
+    body = greedy(prompt, 10_000, ignore_eos=True, return_token_ids=True)
+    st, r = run(post(short_server, body))
+    assert st == 200, r
+    choice, usage = r["choices"][0], r["usage"]
+    room = SHORT_LEN - usage["prompt_tokens"]
+    assert choice["finish_reason"] == "length"
+    assert usage["completion_tokens"] == len(choice["token_ids"]) == room
+    assert usage["total_tokens"] == SHORT_LEN
+    events = run(stream(short_server, {**body, "stream_options": {"include_usage": True}}))
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1]][-1] == "length"
+    assert [t for e in events[:-1] for t in e["choices"][0]["token_ids"]] == choice["token_ids"]
+    assert stream_text(events[:-1]) == choice["text"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # cached_tokens: the first run is cached now
+    assert [events[-1]["usage"][k] for k in counts] == [usage[k] for k in counts]
+    # the same tokens as asking for exactly the room left
+    st, exact = run(post(short_server, greedy(prompt, room, ignore_eos=True, return_token_ids=True)))
+    assert st == 200 and exact["choices"][0]["token_ids"] == choice["token_ids"]
+    wait_clean(short_server)
+
+
+@pytest.mark.parametrize("stream_it", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("prompt", [[5] * SHORT_LEN, "the dog ran " * 30], ids=["ids", "text"])
+def test_prompt_beyond_context_is_400(short_server, prompt, stream_it):
+    st, r = run(post(short_server, greedy(prompt, 1, stream=stream_it)))
+    assert st == 400, r
+    assert_openai_error(r, 400, "prompt")
+    assert r["error"]["code"] == "context_length_exceeded" and f"{SHORT_LEN} tokens" in r["error"]["message"]
+    wait_clean(short_server)
+
+
+def test_chat_beyond_context_is_400_on_messages(chat_server):
+    url, _ = chat_server
+    msgs = [{"role": "user", "content": "the dog ran " * 200}]
+    st, r = run(post(url, {"model": "stories-chat", "messages": msgs, "max_tokens": 4}, "/v1/chat/completions"))
+    assert st == 400, r
+    assert_openai_error(r, 400, "messages")
+    assert r["error"]["code"] == "context_length_exceeded"

@@ -10,6 +10,7 @@ The microserving verbs map onto the unified KV cache:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from microserve.attention.base import AttentionMetadata, ForwardContext
-from microserve.config import EngineConfig, ModelConfig, resolve_model_path
+from microserve.config import EngineConfig, ModelConfig
 from microserve.engine.cuda_graph import DecodeGraphRunner
 from microserve.engine.request import Request, RequestOutput, Status
 from microserve.engine.runner import ModelRunner
@@ -25,9 +26,10 @@ from microserve.engine.sampling import SamplingParams, sample
 from microserve.engine.scheduler import Scheduler
 from microserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from microserve.errors import ServeError
+from microserve.protocol import fit_context
 from microserve.kv.cache import KVCache, SendWindow
 from microserve.kv.pool import KVPool
-from microserve.model.loader import load_model, resolve_dtype
+from microserve.model.loader import load_model, resolve_dtype, resolve_model_path
 from microserve.transfer.base import TransferError, decode_kv_addr, encode_kv_addr, make_transport
 
 log = logging.getLogger(__name__)
@@ -146,20 +148,16 @@ class Engine:
         return True
 
     # ---- plain generation ---------------------------------------------------------------------
-    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check a request; returns its params with max_tokens clamped to the context left (vLLM's
+        rule, `fit_context`: a prompt that fits is served up to max_model_len, finish_reason "length")."""
         if not prompt_ids:
             raise RequestError("the prompt is empty", param="prompt")
         if any(not 0 <= t < self.model_config.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})", param="prompt")
         params.validate()
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; this model's context is "
-                               f"{self.max_model_len} tokens, and at least one must be left to generate",
-                               param="prompt", code="context_length_exceeded")
-        if len(prompt_ids) + params.max_tokens > self.max_model_len:
-            raise RequestError(f"max_tokens ({params.max_tokens}) plus the prompt ({len(prompt_ids)} tokens) "
-                               f"exceeds the context of {self.max_model_len} tokens", param="max_tokens",
-                               code="context_length_exceeded")
+        max_tokens = fit_context(len(prompt_ids), params.max_tokens, self.max_model_len)
+        return params if max_tokens == params.max_tokens else dataclasses.replace(params, max_tokens=max_tokens)
 
     def _new_request(self, rid: str, prompt_ids: list[int], params: SamplingParams, **kw) -> Request:
         if rid in self.requests:
@@ -172,7 +170,7 @@ class Engine:
         return req
 
     def add_request(self, rid: str, prompt_ids: list[int], params: SamplingParams) -> Request:
-        self.validate(prompt_ids, params)
+        params = self.validate(prompt_ids, params)
         req = self._new_request(rid, prompt_ids, params)
         self.requests[rid] = req
         self.scheduler.add(req)
@@ -194,7 +192,7 @@ class Engine:
         return min(self.cache.peek(prompt_ids), max(len(prompt_ids) - 1, 0) // self.pool.page_size * self.pool.page_size)
 
     def prep_recv(self, rid: str, prompt_ids: list[int], end: int, params: SamplingParams) -> tuple[str, int]:
-        self.validate(prompt_ids, params)
+        params = self.validate(prompt_ids, params)
         end = _window_index(end, len(prompt_ids), "end")
         if not 0 <= end < len(prompt_ids):
             raise RequestError(f"prep_recv needs 0 <= end < prompt length ({len(prompt_ids)}), got end={end}", param="end")
@@ -243,8 +241,7 @@ class Engine:
         if begin > res.end:
             raise RequestError(f"begin={begin} is past the received window's end ({res.end}): the KV of "
                                f"[{res.end}, {begin}) would be missing", param="begin")
-        params = params or res.payload
-        self.validate(res.tokens, params)
+        params = self.validate(res.tokens, params or res.payload)
         self._count_received(rid)
         self.cache.take(rid)
         self.cache.started(rid)

@@ -25,8 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
 from microserve.config import same_model_dir
-from microserve.protocol import (ChatCompletionRequest, CompletionRequest, SamplingFields, completion_chunk,
-                                 completion_response, error_body, usage_chunk)
+from microserve.protocol import (DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, SamplingFields,
+                                 completion_chunk, completion_response, error_body, fit_context, usage_chunk)
 from microserve.router.client import ROLES, EngineClient, RouterRequest
 from microserve.router.metrics import RouterMetrics
 from microserve.router.router import EngineSet, Router
@@ -114,6 +114,19 @@ class RouterService:
             raise HTTPError(404, f"the model {model!r} does not exist; this router serves {self.model_name!r}",
                             "model_not_found", "model")
 
+    def max_model_len(self) -> int | None:
+        """The smallest context the engines report (any of them may get the request), None before
+        any has answered a health check."""
+        return min((e.info["max_model_len"] for e in self.engine_set.engines if e.info.get("max_model_len")),
+                   default=None)
+
+    def fit_context(self, prompt_len: int, max_tokens: int | None, param: str) -> int | None:
+        """The engines' context rule (`protocol.fit_context`), applied before any engine is called:
+        a too-long prompt is a 400 here, max_tokens is clamped to the context left. Unknown
+        context (no engine has reported yet): max_tokens as given, the engines apply the rule."""
+        limit = self.max_model_len()
+        return max_tokens if limit is None else fit_context(prompt_len, max_tokens, limit, param)
+
 
 def build_router_app(svc: RouterService) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
@@ -122,7 +135,7 @@ def build_router_app(svc: RouterService) -> web.Application:
     async def serve(request: web.Request, body: SamplingFields, prompt: list[int], chat: bool) -> web.StreamResponse:
         strategy = svc.strategy  # in-flight requests keep the strategy they started with
         forward = {k: v for k, v in body.model_dump(exclude_unset=True).items() if k in FORWARD}
-        forward.setdefault("max_tokens", body.max_tokens)
+        forward["max_tokens"] = body.max_tokens  # as fit_context left it
         req = RouterRequest(uuid.uuid4().hex, prompt, forward, stream=body.stream)
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}"
         t0 = time.perf_counter()
@@ -166,7 +179,10 @@ def build_router_app(svc: RouterService) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, CompletionRequest)
         svc.check_model(body.model)
-        return await serve(request, body, body.prompt_ids(svc.tokenizer), chat=False)
+        prompt = body.prompt_ids(svc.tokenizer)
+        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
+        body.max_tokens = svc.fit_context(len(prompt), max_tokens, "prompt")
+        return await serve(request, body, prompt, chat=False)
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = await parse_body(request, ChatCompletionRequest)
@@ -177,10 +193,9 @@ def build_router_app(svc: RouterService) -> web.Application:
             prompt = svc.tokenizer.encode_chat([msg.text() for msg in body.messages])
         except NoChatTemplate as e:
             raise HTTPError(400, str(e), "no_chat_template", "messages") from None
-        body.max_tokens = body.max_completion_tokens or body.max_tokens
-        if body.max_tokens is None:  # OpenAI chat default: as much as the context allows
-            limit = min((e.info.get("max_model_len", 0) for e in svc.engine_set.engines if e.info), default=0)
-            body.max_tokens = max(limit - len(prompt), 1) if limit else 256
+        # None: OpenAI's chat default, as much as the context allows (256 while it is unknown)
+        max_tokens = svc.fit_context(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
+        body.max_tokens = max_tokens if max_tokens is not None else 256
         return await serve(request, body, prompt, chat=True)
 
     async def models(request: web.Request) -> web.Response:

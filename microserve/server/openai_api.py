@@ -14,13 +14,14 @@ from microserve.config import same_model_dir
 from microserve.engine.request import RequestOutput
 from microserve.engine.sampling import SamplingParams
 from microserve.tokenizer import NoChatTemplate
-from microserve.protocol import (ChatCompletionRequest, CompletionRequest, SamplingFields, completion_chunk,
-                                 completion_response, new_id, usage_chunk, usage_dict)
+from microserve.protocol import (DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, SamplingFields,
+                                 completion_chunk, completion_response, fit_context, new_id, usage_chunk, usage_dict)
 from microserve.web import HTTPError, SSEWriter, parse_body
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None) -> SamplingParams:
-    return SamplingParams(max_tokens=max_tokens if max_tokens is not None else 16, temperature=body.temperature,
+    return SamplingParams(max_tokens=max_tokens if max_tokens is not None else DEFAULT_MAX_TOKENS,
+                          temperature=body.temperature,
                           top_p=body.top_p, top_k=body.top_k, seed=body.seed, stop=body.stop_list,
                           stop_token_ids=list(body.stop_token_ids or []), ignore_eos=body.ignore_eos)
 
@@ -59,9 +60,10 @@ class OpenAIAPI:
             raise HTTPError(400, str(e), "no_chat_template", "messages") from None
         except Exception as e:  # a template's raise_exception, or a jinja error
             raise HTTPError(400, f"chat template failed: {e}", "invalid_request", "messages") from None
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        if max_tokens is None:
-            max_tokens = max(self.s.engine.max_model_len - len(ids), 1)
+        # None: the rest of the context (OpenAI's chat default); a too-long conversation is a 400 on
+        # "messages"; the engine clamps (and checks) the rest as for any prompt
+        max_tokens = fit_context(len(ids), body.max_completion_tokens or body.max_tokens,
+                                 self.s.engine.max_model_len, param="messages")
         rid = new_id("chatcmpl")
         stream = self.s.aengine.generate(rid, ids, sampling_params(body, max_tokens))
         return await respond(request, self.s, rid, body, stream, chat=True)
