@@ -23,7 +23,7 @@ HEADER = """# Microserving benchmarks: per-layer overlap, context migration, rou
 
 Each section below is written by one command (`python benchmarks/<name>.py`), which measures the
 compared variants side by side, interleaved, in one run, and replaces only its own section here.
-The machine is shared with other agents running tests, so every number is a median over repeats
+The machine is shared with other jobs (tests, builds), so every number is a median over repeats
 with its spread (min-max or p99) beside it; the load average at the start and end of each run is
 recorded with it.
 """
@@ -88,7 +88,7 @@ def command_line() -> str:
 def run_header(m: dict, load_end: str) -> str:
     return (f"- command: `{command_line()}`\n"
             f"- date: {m['date']}, commit {m['commit']}"
-            + (f" plus uncommitted changes (another agent's work in progress) to {', '.join(m['dirty'])}"
+            + (f" plus uncommitted changes to {', '.join(m['dirty'])}"
                if m["dirty"] else "") + "\n"
             f"- machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}, Python {m['python']}\n"
             f"- `uptime` at start: `{m['uptime']}`; load average at end: {load_end}\n")

@@ -8,7 +8,8 @@ warm-up run, then --repeats timed runs; the table reports the median and the min
 output tokens/s (batch * output_len / wall seconds of the whole generate call: prefill + decode).
 
 Models:
-  stories260K   the real checkpoint in ../shared/models/stories260K (0.26 M parameters)
+  stories260K   the real checkpoint, a local Hugging Face directory given by --stories PATH
+                (karpathy's tinyllamas stories260K, 0.26 M parameters; default ../shared/models/stories260K)
   dummy         a Llama config of ~58 M parameters (hidden 512, 8 layers, GQA 8/4, vocab 32000)
                 written to a temp dir; the engine builds it with load_format="dummy", its weights
                 are exported under Hugging Face names to model.safetensors, and transformers loads
@@ -166,6 +167,7 @@ def profile_engine(engine, prompts, out_len, threads, top: int) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="stories260K,dummy")
+    ap.add_argument("--stories", default=STORIES, help="the stories260K model directory (Hugging Face layout)")
     ap.add_argument("--batch-sizes", default="1,16")
     ap.add_argument("--threads", default=str(os.cpu_count() or 1),
                     help="comma-separated torch thread counts; each is used by both sides (default: nproc)")
@@ -191,7 +193,7 @@ def main() -> int:
     tmp = tempfile.TemporaryDirectory(prefix="bench-dummy-llama-")
     for name in a.models.split(","):
         if name == "stories260K":
-            model_dir, load_format = STORIES, "safetensors"
+            model_dir, load_format = a.stories, "safetensors"
             vocab = 512
         elif name == "dummy":
             model_dir, load_format = tmp.name, "dummy"

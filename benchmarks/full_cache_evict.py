@@ -38,7 +38,8 @@ def timed(tree: PrefixTree, fn, spent: list[float]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K-hd32"))
+    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K-hd32"),
+                    help="a local Hugging Face model directory (default: ../shared/models/stories260K-hd32)")
     ap.add_argument("--rounds", type=int, default=24, help="rounds per engine (default 24)")
     ap.add_argument("--kv-cache-memory-mb", type=int, default=1024, help="per engine (default 1024, as served)")
     ap.add_argument("--threads", type=int, default=1)

@@ -33,7 +33,8 @@ from microserve.server.process import keep_freed_memory  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K-hd32"))
+    ap.add_argument("--model", default=os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K-hd32"),
+                    help="a local Hugging Face model directory (default: ../shared/models/stories260K-hd32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=200)

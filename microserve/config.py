@@ -121,19 +121,3 @@ def same_model_dir(name: str, path: str) -> bool:
     """Whether `name` is a path to the model directory `path`: clients such as `vllm bench serve`
     send the absolute path of a model that was served by a relative one."""
     return os.path.isdir(name) and os.path.realpath(name) == os.path.realpath(path)
-
-
-def resolve_model_path(model: str) -> str:
-    """A local directory as is; `embedded` to the built-in tiny model; anything else as a hub id."""
-    if model == "embedded":
-        from microserve.model.embedded import embedded_model_dir
-        return embedded_model_dir()
-    if os.path.isdir(model):
-        return model
-    if os.path.exists(model):
-        raise ValueError(f"model path {model!r} is not a directory with config.json")
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
-    except Exception as e:  # offline, unknown id, gated...
-        raise ValueError(f"model {model!r} is neither a local directory nor a reachable hub id: {e}") from e

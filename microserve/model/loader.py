@@ -1,4 +1,5 @@
-"""Build a model and fill its weights: from a local HF directory (safetensors), a hub id, or dummy.
+"""Find a model's files, build the model and fill its weights: from a local HF directory
+(safetensors), a hub id, or dummy.
 
 Dummy weights are deterministic: every tensor is drawn from a generator seeded by (seed, its name),
 so two engines given the same config and seed hold the same model (needed for disaggregation).
@@ -19,11 +20,21 @@ from microserve.config import ModelConfig
 from microserve.model.layers import RotaryEmbedding
 from microserve.model.llama import LlamaForCausalLM
 from microserve.model.packed_linear import pack_linears
+from microserve.model_files import model_dir
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+MODEL_FILES = ("*.json", "*.safetensors", "tokenizer*", "*.jinja")  # what an engine loads
+
+
+def resolve_model_path(model: str) -> str:
+    """A local directory as is; `embedded` to the built-in tiny model; anything else as a hub id,
+    downloaded with its weights. (The router, which needs only a tokenizer, calls
+    `model_files.model_dir` itself and never imports this package.)"""
+    return model_dir(model, MODEL_FILES)
 
 
 def resolve_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:

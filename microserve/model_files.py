@@ -1,15 +1,41 @@
-"""The embedded default model: a tiny Llama with deterministic dummy weights and a tokenizer the
-project builds itself, so a fresh machine can serve something with no download.
+"""Where a model's files are: a local Hugging Face directory, a hub snapshot, or the embedded model.
 
-The tokenizer is word-level over the few sentences below (deterministic); the model config is
-written beside it. Weights are drawn at load time (`--load-format dummy`, seed 0), so the
-text is meaningless but every part of the serving path is real.
+Torch-free and outside the model package, so that the router can find a model's tokenizer without
+importing model code (see docs/architecture.md); the engine's loader resolves through it too
+(`model.loader.resolve_model_path`, which also fetches the weights).
+
+The embedded default model is a tiny Llama with deterministic dummy weights and a tokenizer the
+project builds itself, so a fresh machine can serve something with no download. The tokenizer is
+word-level over the few sentences below (deterministic); the model config is written beside it.
+Weights are drawn at load time (`--load-format dummy`, seed 0), so the text is meaningless but
+every part of the serving path is real.
 """
 from __future__ import annotations
 
 import json
 import os
 
+EMBEDDED = "embedded"
+TOKENIZER_FILES = ("*.json", "tokenizer*", "*.jinja")  # config, tokenizer, chat template: no weights
+
+
+def model_dir(model: str, allow_patterns: tuple[str, ...]) -> str:
+    """A local directory as is; `embedded` to the built-in tiny model's directory (written on first
+    use); anything else is a hub id, of which only the files matching `allow_patterns` are fetched."""
+    if model == EMBEDDED:
+        return embedded_model_dir()
+    if os.path.isdir(model):
+        return model
+    if os.path.exists(model):
+        raise ValueError(f"model path {model!r} is not a directory with config.json")
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(model, allow_patterns=list(allow_patterns))
+    except Exception as e:  # offline, unknown id, gated...
+        raise ValueError(f"model {model!r} is neither a local directory nor a reachable hub id: {e}") from e
+
+
+# ---- the embedded model ------------------------------------------------------------------------
 VERSION = "2"
 CORPUS = """Once upon a time there was a little engine that served language models.
 It split every request into prefill and decode, and sent the key value cache to its friends.

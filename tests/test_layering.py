@@ -1,0 +1,59 @@
+"""Imports point down (docs/architecture.md): the router never reaches model code, the engine or torch."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+# Packages the router must never load, directly or through a shared module such as config.py.
+ROUTER_FORBIDDEN = ("torch", "microserve.model", "microserve.engine", "microserve.attention", "microserve.kv",
+                    "microserve.transfer", "microserve.server")
+
+ROUTER_IMPORTS = """
+import importlib, json, pkgutil, sys
+import microserve.router
+for m in pkgutil.walk_packages(microserve.router.__path__, "microserve.router."):
+    importlib.import_module(m.name)
+from microserve.router.serve import load_tokenizer
+tok = load_tokenizer("embedded")  # the default model's tokenizer, found without the model package
+assert tok is not None and tok.encode("Hello world") == [1] + tok.encode("Hello world", add_special_tokens=False)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def forbidden(modules: list[str]) -> list[str]:
+    return [m for m in modules if any(m == p or m.startswith(p + ".") for p in ROUTER_FORBIDDEN)]
+
+
+def test_router_never_imports_model_engine_or_torch(tmp_path):
+    env = {**os.environ, "MICROSERVE_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", ROUTER_IMPORTS], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "microserve.router.serve" in modules and "microserve.router.strategies.pd" in modules
+    assert forbidden(modules) == []
+
+
+def test_forbidden_matches_packages_not_prefixes():
+    assert forbidden(["microserve.model_files", "microserve.modelx", "torchvision_like"]) == []
+    assert forbidden(["microserve.model", "microserve.model.loader", "torch.nn"]) == \
+        ["microserve.model", "microserve.model.loader", "torch.nn"]
+
+
+def test_engine_and_router_resolve_the_same_embedded_dir(tmp_path, monkeypatch):
+    from microserve.model.loader import resolve_model_path
+    from microserve.model_files import TOKENIZER_FILES, model_dir
+
+    monkeypatch.setenv("MICROSERVE_CACHE", str(tmp_path))
+    path = resolve_model_path("embedded")
+    assert path.startswith(str(tmp_path)) and path == model_dir("embedded", TOKENIZER_FILES)
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.exists(os.path.join(path, f))
+    assert resolve_model_path(path) == path  # a local directory as is
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a directory"):
+        resolve_model_path(str(tmp_path / "file"))
