@@ -78,7 +78,7 @@ def flat_idx_math(q, kv_layer, slots, mask, max_len, scale, buf):
 
 def load_kernel():
     """The engine's own CPU decode kernel (microserve/attention/csrc/paged_decode.cpp), or None."""
-    from microserve.attention.cpu_backend import kernel_error
+    from microserve.kernels.build import kernel_error
     why = kernel_error()
     if why is not None:
         print(f"# engine kernel unavailable: {why}")

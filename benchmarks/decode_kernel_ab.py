@@ -10,6 +10,7 @@ per layer call over all 5 layers of a step, and ns per (context token, kv head);
 two builds must agree to 1e-5.
 
     python benchmarks/decode_kernel_ab.py --rev 7120e43          # before the shuffle-tree kernel
+    python benchmarks/decode_kernel_ab.py --rev HEAD --a-cflags="-O3 -march=native -ffast-math"  # flags A/B
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from _common import ROOT, md_table, median_ms
 
-from microserve.attention.cpu_backend import CFLAGS, CSRC  # the engine's own build flags and headers
+from microserve.kernels.build import CFLAGS, INCLUDE_DIRS  # the engine's own build flags and headers
 
 SOURCE = "microserve/attention/csrc/paged_decode.cpp"
 CASES = [  # name, head dim, batch, ctx, pool MiB, shuffled
@@ -35,7 +36,7 @@ CASES = [  # name, head dim, batch, ctx, pool MiB, shuffled
 ]
 
 
-def build(text: str, suffix: str, workdir: str):
+def build(text: str, suffix: str, workdir: str, cflags: list[str]):
     """Compile one version of the kernel under the op name paged_decode_attention_<suffix>."""
     from torch.utils.cpp_extension import load
     text = re.sub(r'"paged_decode_attention(?=[("])', f'"paged_decode_attention_{suffix}', text)
@@ -43,7 +44,7 @@ def build(text: str, suffix: str, workdir: str):
     path = os.path.join(workdir, f"paged_decode_{suffix}.cpp")
     with open(path, "w") as f:
         f.write(text)
-    load(f"microserve_decode_ab_{suffix}", [path], extra_cflags=CFLAGS, extra_include_paths=[CSRC],
+    load(f"microserve_decode_ab_{suffix}", [path], extra_cflags=cflags, extra_include_paths=INCLUDE_DIRS,
          build_directory=workdir, is_python_module=False)
     return getattr(torch.ops.microserve, f"paged_decode_attention_{suffix}")
 
@@ -74,6 +75,8 @@ def case(ops, d: int, b: int, ctx: int, pool_mib: int, shuffled: bool, reps: int
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", required=True, help="git revision whose paged_decode.cpp is the baseline (A)")
+    ap.add_argument("--a-cflags", default=None, help="compile flags for A (default: the engine's)")
+    ap.add_argument("--b-cflags", default=None, help="compile flags for B (default: the engine's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--reps", type=int, default=30, help="timed steps per build per round (default 30)")
     a = ap.parse_args()
@@ -81,10 +84,11 @@ def main() -> None:
     old = subprocess.run(["git", "show", f"{a.rev}:{SOURCE}"], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout
     with tempfile.TemporaryDirectory(prefix="microserve-decode-ab-") as workdir:
-        ops = [build(old, "a", workdir), build((ROOT / SOURCE).read_text(), "b", workdir)]
+        flags = [(f.split() if f else CFLAGS) for f in (a.a_cflags, a.b_cflags)]
+        ops = [build(old, "a", workdir, flags[0]), build((ROOT / SOURCE).read_text(), "b", workdir, flags[1])]
         rows = [[name] + case(ops, *shape, reps=a.reps) for name, *shape in CASES]
-    print(f"# decode kernel A/B: A = {a.rev}, B = working tree; {a.threads} thread(s); per layer call "
-          "(ns per context token and kv head)")
+    print(f"# decode kernel A/B: A = {a.rev} ({' '.join(flags[0])}), B = working tree ({' '.join(flags[1])}); "
+          f"{a.threads} thread(s); per layer call (ns per context token and kv head)")
     print(md_table(["case (8 q heads, 4 kv heads, page 16)", f"A ({a.rev})", "B (tree)", "A / B"], rows))
 
 

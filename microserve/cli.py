@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin-cores", action="store_true",
                    help="pin engine i to CPU core i with one torch thread (the CPU miniature)")
     p.add_argument("--log-dir", default="microserve-logs", help="engine logs go here (default: %(default)s)")
-    p.add_argument("--startup-timeout-s", type=float, default=120.0, help="(default: %(default)s)")
+    p.add_argument("--startup-timeout-s", type=float, default=120.0,
+                   help="fail an engine that is not healthy and has logged nothing for this long; a first start "
+                        "that builds the CPU kernels logs a heartbeat, so it waits as long as the build runs "
+                        "(default: %(default)s)")
     add_router_args(p)
     p.set_defaults(fn=cmd_up, passthrough=True)
 

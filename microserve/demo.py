@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 
 import aiohttp
 
-from microserve.launch import free_port, stop, wait_healthy
+from microserve.launch import StartupError, free_port, stop, wait_healthy
 from microserve.router.serve import engine_roles, start_engines, start_router
 
 PROMPTS = ["Once upon a time", "The router asked each engine how much of the prompt it had cached",
@@ -58,7 +59,11 @@ def run_demo(a) -> int:
     roles = engine_roles(2, strategy, None)
     procs = start_engines(a.model, 2, [])
     try:
-        wait_healthy(procs)
+        try:
+            wait_healthy(procs)
+        except StartupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         for p, role in zip(procs, roles):
             print(f"engine  {p.url}  role={role}")
         print(f"2 engines up in {time.perf_counter() - t0:.1f}s (model {a.model})")

@@ -18,10 +18,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_configure(config):
-    # Build the CPU attention kernels once, here, before tests start engine processes side by side (they
-    # would otherwise queue on the build lock, each inside its start-up timeout).
-    from microserve.attention.cpu_backend import kernel_error
-    kernel_error()
+    """Build (or load) the CPU kernels once, here, with the build's progress on the terminal, before
+    tests start engine processes side by side. With MICROSERVE_REQUIRE_KERNELS=1 (CI) a failed build
+    stops the run here."""
+    import logging
+    import sys
+
+    from microserve.kernels.build import kernel_error
+    logger = logging.getLogger("microserve.kernels")
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        kernel_error()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
 
 # Most of the story stories260K tells greedily after "The sun was": it ends it (with token 1)
 # within ~20 more tokens, so a request on it finishes with finish_reason "stop".
@@ -70,10 +83,7 @@ class EngineProcs:
         log = self.tmp / f"{name}-{port}.log"
         p = spawn(name, ["engine", "--model", model, "--debug-api", *args], port, str(log))
         self.procs.append(p)
-        try:
-            wait_healthy([p], timeout=90)
-        except Exception:
-            raise RuntimeError(log.read_text()[-3000:])
+        wait_healthy([p], timeout=90)  # a StartupError carries the log's last lines
         return p
 
     def stop_all(self) -> None:

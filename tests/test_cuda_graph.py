@@ -27,7 +27,7 @@ PROMPTS = [[1] + [(37 * i + 11 * j) % 500 + 3 for j in range(5 + 9 * i)] for i i
 
 
 def _cpu_kernel_builds() -> bool:
-    from microserve.attention.cpu_backend import kernel_error
+    from microserve.kernels.build import kernel_error
     return kernel_error() is None
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
 
-from microserve.attention.cpu_backend import kernel_error
+from microserve.kernels.build import kernel_error
 from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 
 pytestmark = pytest.mark.skipif(kernel_error() is not None, reason=f"CPU kernels unavailable: {kernel_error()}")

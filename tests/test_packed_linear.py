@@ -14,7 +14,7 @@ from torch import nn
 
 from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
-from microserve.attention.cpu_backend import kernel_error
+from microserve.kernels.build import kernel_error
 from microserve.model import packed_linear
 from microserve.model.packed_linear import MIN_PACKED_MACS, PackedLinear, packing_error
 

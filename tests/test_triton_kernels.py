@@ -97,7 +97,7 @@ def test_cpu_without_interpreter_falls_back_to_torch(monkeypatch):
     if not triton_loaded_before:
         assert "triton" not in sys.modules
     # auto never picks triton for CPU: the compiled CPU kernel when it builds, else torch
-    from microserve.attention.cpu_backend import kernel_error
+    from microserve.kernels.build import kernel_error
     want = "cpu" if kernel_error() is None else "torch"
     assert get_backend("auto", torch.device("cpu"), num_heads=4, num_kv_heads=2, head_dim=16, scale=0.25).name == want
     assert get_backend("triton", torch.device("cpu"), num_heads=4, num_kv_heads=2, head_dim=16,

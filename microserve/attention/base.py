@@ -16,7 +16,6 @@ Token t of sequence i is stored at slot `block_tables[i, t // page_size] * page_
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -83,12 +82,9 @@ def get_backend(name: str, device: torch.device, **kw) -> AttentionBackend:
             except ImportError:
                 pass
         elif device.type == "cpu":
-            from microserve.attention.cpu_backend import kernel_error
-            why = kernel_error()
-            if why is None:
+            from microserve.kernels.build import kernel_error
+            if kernel_error() is None:  # else it has warned, and torch SDPA runs
                 name = "cpu"
-            else:
-                logging.getLogger(__name__).warning("CPU attention kernel unavailable, using torch SDPA: %s", why)
     if name == "torch":
         from microserve.attention.torch_backend import TorchSDPABackend
         return TorchSDPABackend(**kw)

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from microserve.attention.cpu_backend import kernels_loaded
+from microserve.kernels.build import kernels_loaded
 
 
 def _cpu_kernels(x: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from microserve.attention.cpu_backend import kernels_loaded
+from microserve.kernels.build import kernels_loaded
 
 log = logging.getLogger(__name__)
 

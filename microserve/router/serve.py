@@ -6,10 +6,11 @@ import asyncio
 import logging
 import os
 import secrets
+import sys
 import time
 
-from microserve.config import resolve_model_path
-from microserve.launch import Proc, free_port, spawn, stop, wait_healthy
+from microserve.launch import Proc, StartupError, free_port, spawn, stop, wait_healthy
+from microserve.model_files import TOKENIZER_FILES, model_dir
 from microserve.router.app import RouterService, build_router_app
 from microserve.router.strategies import parse_spec
 from microserve.tokenizer import Tokenizer
@@ -21,9 +22,11 @@ PD_STRATEGIES = ("pd", "balanced_pd", "cache_aware_pd")
 
 
 def load_tokenizer(model: str | None) -> Tokenizer | None:
+    """`model`'s tokenizer (a local directory, `embedded`, or a hub id, of which only the tokenizer
+    and config files are fetched), or None. Through model_files, never the model package."""
     if not model:
         return None
-    path = resolve_model_path(model)
+    path = model_dir(model, TOKENIZER_FILES)
     return Tokenizer(path) if os.path.exists(os.path.join(path, "tokenizer.json")) else None
 
 
@@ -74,7 +77,11 @@ def up(a, extra: list[str]) -> int:
     t0 = time.perf_counter()
     procs = start_engines(a.model, a.engines, extra, a.pin_cores, a.log_dir)
     try:
-        wait_healthy(procs, timeout=a.startup_timeout_s)
+        try:
+            wait_healthy(procs, timeout=a.startup_timeout_s)
+        except StartupError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         for p, role in zip(procs, roles):
             print(f"engine  {p.url}  role={role}  (log: {a.log_dir}/{p.name}.log)", flush=True)
         print(f"router  http://{a.host}:{a.port}  strategy={a.strategy}  (up in {time.perf_counter() - t0:.1f}s)")

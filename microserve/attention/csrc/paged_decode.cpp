@@ -46,6 +46,8 @@ using microserve::store;
 using microserve::Vec;
 using microserve::Vec8;
 using microserve::Vec16;
+using microserve::widen_bf16;
+using microserve::widen_fp16;
 
 // Widens W elements of a K/V row to floats (a plain vector load for fp32).
 template <int W, typename T>
@@ -53,8 +55,11 @@ inline Vec<W> load_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return load<W>(p);
   } else {
+    static_assert(std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>);
     float f[W];
-    for (int i = 0; i < W; ++i) f[i] = static_cast<float>(p[i]);
+    for (int i = 0; i < W; i += 8) {
+      store<8>(f + i, std::is_same_v<T, at::BFloat16> ? widen_bf16(p + i) : widen_fp16(p + i));
+    }
     return load<W>(f);
   }
 }
