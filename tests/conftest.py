@@ -24,7 +24,7 @@ def pytest_configure(config):
     import logging
     import sys
 
-    from microserve.kernels.build import kernel_error
+    from microserve.kernels.build import KernelBuildError, kernel_error
     logger = logging.getLogger("microserve.kernels")
     handler = logging.StreamHandler(sys.__stderr__)
     handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
@@ -32,6 +32,8 @@ def pytest_configure(config):
     logger.setLevel(logging.INFO)
     try:
         kernel_error()
+    except KernelBuildError as e:
+        pytest.exit(str(e), returncode=1)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(logging.NOTSET)
