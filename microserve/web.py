@@ -3,6 +3,7 @@ models, OpenAI-style error responses, and server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import signal
@@ -42,6 +43,13 @@ async def parse_body(request: web.Request, model: type[M]) -> M:
     except ValidationError as e:
         msg, param = validation_message(e)
         raise HTTPError(400, msg, "invalid_request", param) from None
+
+
+def check_bearer(request: web.Request, token: str, what: str) -> None:
+    """401 unless the request carries exactly `Authorization: Bearer <token>` (compared in constant time)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    if scheme != "Bearer" or not hmac.compare_digest(given.encode(), token.encode()):
+        raise HTTPError(401, f"missing or wrong {what} (Authorization: Bearer <token>)", "unauthorized")
 
 
 @web.middleware

@@ -12,7 +12,6 @@ In-flight requests keep the strategy object they started with; a switch affects 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 import uuid
@@ -32,7 +31,7 @@ from microserve.router.metrics import RouterMetrics
 from microserve.router.router import EngineSet, Router
 from microserve.router.strategies import UnknownStrategy, coerce_params, parse_spec, strategy_class, tunables
 from microserve.tokenizer import NoChatTemplate, Tokenizer
-from microserve.web import HTTPError, SSEWriter, error_middleware, parse_body
+from microserve.web import HTTPError, SSEWriter, check_bearer, error_middleware, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -216,9 +215,7 @@ def build_router_app(svc: RouterService) -> web.Application:
         async def checked(request: web.Request) -> web.StreamResponse:
             if not svc.admin_token:
                 raise HTTPError(403, "the admin API is off: start the router with --admin-token", "forbidden")
-            given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), svc.admin_token.encode()):
-                raise HTTPError(401, "missing or wrong admin token (Authorization: Bearer <token>)", "unauthorized")
+            check_bearer(request, svc.admin_token, "admin token")
             return await handler(request)
         return checked
 
