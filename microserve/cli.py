@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from microserve.cluster import TOKEN_ENV, resolve_token
 from microserve.config import EngineConfig
 
 
@@ -78,12 +79,15 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
 
 def cmd_engine(a: argparse.Namespace) -> int:
     from microserve.server.app import serve
-    asyncio.run(serve(engine_config(a), a.host, a.port, a.debug_api))
+    asyncio.run(serve(engine_config(a), a.host, a.port, a.debug_api, resolve_token(a.cluster_token),
+                      a.api_key or os.environ.get("MICROSERVE_API_KEY"), a.insecure))
     return 0
 
 
 def cmd_router(a: argparse.Namespace) -> int:
-    from microserve.router.serve import run_router
+    from microserve.router.serve import run_router, share_cluster_token
+    if resolve_token(a.cluster_token):
+        share_cluster_token(a.cluster_token)
     engines = [(u, "both") for u in a.engine] + [(u, "prefill") for u in a.prefill] + [(u, "decode") for u in a.decode]
     if not engines:
         raise SystemExit("give at least one --engine, --prefill or --decode URL")
@@ -109,6 +113,14 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="bearer token for /admin/* (default: $MICROSERVE_ADMIN_TOKEN; `up` makes one if unset)")
     p.add_argument("--timeout-s", type=float, default=60.0,
                    help="an engine that sends nothing for this long is taken as failed (default: %(default)s)")
+    add_cluster_token_arg(p)
+
+
+def add_cluster_token_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cluster-token", default=None,
+                   help=f"shared secret of this deployment's engines and router: the microserving calls need it "
+                        f"as 'Authorization: Bearer <token>', and KV metadata is signed with it (default: "
+                        f"${TOKEN_ENV}; `up` and `demo` make one)")
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -131,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
     p.add_argument("--debug-api", action="store_true", help="expose /debug/kv (KV page accounting) for tests")
+    add_cluster_token_arg(p)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer <key>' on the OpenAI API, as vLLM's --api-key (default: "
+                        "$MICROSERVE_API_KEY, else open)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow binding a non-loopback address without a cluster token (anyone who reaches the "
+                        "engine could then move KV)")
     p.set_defaults(fn=cmd_engine)
 
     p = sub.add_parser("router", help="the programmable router in front of running engines",

@@ -10,7 +10,7 @@ import time
 import aiohttp
 
 from microserve.launch import StartupError, free_port, stop, wait_healthy
-from microserve.router.serve import engine_roles, start_engines, start_router
+from microserve.router.serve import engine_roles, share_cluster_token, start_engines, start_router
 
 PROMPTS = ["Once upon a time", "The router asked each engine how much of the prompt it had cached",
            "Hello world! How are you today?"]
@@ -57,6 +57,7 @@ def run_demo(a) -> int:
     t0 = time.perf_counter()
     strategy = "pd"
     roles = engine_roles(2, strategy, None)
+    share_cluster_token()
     procs = start_engines(a.model, 2, [])
     try:
         try:

@@ -15,6 +15,10 @@ STORIES = str(SHARED / "models" / "stories260K")
 STORIES_HD32 = str(SHARED / "models" / "stories260K-hd32")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every engine and router the tests start holds this cluster token (they inherit the environment),
+# as under `microserve up`; tests send it with AUTH on the microserving and debug calls.
+CLUSTER_TOKEN = os.environ.setdefault("MICROSERVE_CLUSTER_TOKEN", "test-cluster-token")
+AUTH = {"Authorization": f"Bearer {CLUSTER_TOKEN}"}
 
 
 def pytest_configure(config):
@@ -108,5 +112,5 @@ def module_engines(tmp_path_factory):
 
 def kv_accounting(url: str) -> dict:
     import urllib.request
-    with urllib.request.urlopen(url + "/debug/kv") as r:
+    with urllib.request.urlopen(urllib.request.Request(url + "/debug/kv", headers=AUTH)) as r:
         return json.loads(r.read())

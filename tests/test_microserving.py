@@ -12,7 +12,9 @@ import time
 import aiohttp
 import pytest
 
-from conftest import STORIES, kv_accounting, make_hf_model
+from conftest import AUTH, CLUSTER_TOKEN, STORIES, kv_accounting, make_hf_model
+
+from microserve.cluster import sign, verify
 
 PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her"
 MAX_TOKENS = 24
@@ -22,8 +24,8 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def post(url: str, path: str, body: dict, timeout: float = 60) -> tuple[int, dict]:
-    async with aiohttp.ClientSession() as s:
+async def post(url: str, path: str, body: dict, timeout: float = 60, auth: bool = True) -> tuple[int, dict]:
+    async with aiohttp.ClientSession(headers=AUTH if auth else None) as s:
         async with s.post(url + path, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
             return r.status, await r.json()
 
@@ -54,7 +56,7 @@ async def disaggregated(p_url: str, d_url: str, rid: str, prompt, end: int, begi
     if matched < (end if end >= 0 else L + end):  # negative windows count from the end, Python style
         st, s = await post(p_url, "/microserving/remote_send",
                            body(rid, prompt, begin=matched, end=end, kv_addr_info=r["kv_append_metadata"], recv_rank=1))
-        assert st == 200 and s == {}, s
+        assert st == 200 and set(s) == {"kv_bytes"} and s["kv_bytes"] > 0, s
     st, g = await post(d_url, "/microserving/start_generate", body(rid, prompt, begin=end if begin_gen is None else begin_gen))
     assert st == 200, g
     g["matched"] = matched
@@ -174,7 +176,7 @@ def test_streamed_start_generate(pair):
                                                                     kv_addr_info=r["kv_append_metadata"]))
             assert st == 200, s
         toks, done = [], False
-        async with aiohttp.ClientSession() as sess:
+        async with aiohttp.ClientSession(headers=AUTH) as sess:
             async with sess.post(D + "/microserving/start_generate",
                                  json=body(rid, ids, begin=len(ids) - 1, stream=True)) as resp:
                 assert resp.status == 200 and resp.content_type == "text/event-stream"
@@ -211,11 +213,17 @@ def test_bad_input(pair):
         assert st == 400 and "reserved" in r2["error"]["message"]  # end - begin != reserved length
         for garbled in ("not base64!", base64.b64encode(b"{}").decode(), base64.b64encode(b"[1, 2]").decode()):
             st, r2 = await post(P, "/microserving/remote_send", body(rid, ids, begin=0, end=L - 1, kv_addr_info=garbled))
+            assert st == 403 and r2["error"]["code"] == "forbidden", r2  # unsigned: nothing in it is read
+            signed = sign(garbled, CLUSTER_TOKEN)  # as if a cluster member had garbled it
+            st, r2 = await post(P, "/microserving/remote_send", body(rid, ids, begin=0, end=L - 1, kv_addr_info=signed))
             assert st == 400 and r2["error"]["code"] == "invalid_kv_addr_info", r2
-        doc = json.loads(base64.b64decode(meta))
+        doc = json.loads(base64.b64decode(verify(meta, CLUSTER_TOKEN)))
         doc["layout"][1] += 1  # a foreign engine: different KV layout
         foreign = base64.b64encode(json.dumps(doc).encode()).decode()
         st, r2 = await post(P, "/microserving/remote_send", body(rid, ids, begin=0, end=L - 1, kv_addr_info=foreign))
+        assert st == 403, r2  # edited: the signature no longer holds
+        st, r2 = await post(P, "/microserving/remote_send", body(rid, ids, begin=0, end=L - 1,
+                                                               kv_addr_info=sign(foreign, CLUSTER_TOKEN)))
         assert st == 400 and "layout" in r2["error"]["message"]
         st, r2 = await post(D, "/microserving/start_generate", body(rid, ids, begin=L))  # begin out of range
         assert st == 400, r2

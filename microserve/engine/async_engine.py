@@ -17,6 +17,8 @@ from microserve.engine.engine import Engine, RequestError
 from microserve.engine.request import RequestOutput
 from microserve.transfer.base import TransferError
 from microserve.engine.sampling import SamplingParams
+from microserve.errors import ServeError
+from microserve.kv.cache import Fence
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +83,17 @@ class AsyncEngine:
     def start_generate(self, rid: str, begin: int, prompt_ids, params) -> AsyncIterator[RequestOutput]:
         return self._stream(rid, self.engine.start_generate, rid, begin, prompt_ids, params)
 
-    async def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> None:
-        """Returns once every byte of KV for [begin, end) has landed in the receiver."""
-        async for out in self._stream(f"send-{rid}", self.engine.remote_send, rid, prompt_ids, begin, end, kv_addr_info):
+    async def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str,
+                          fence: Fence | None = None) -> int:
+        """Returns once every byte of KV for [begin, end) has landed in the receiver: how many bytes."""
+        async for out in self._stream(f"send-{rid}", self.engine.remote_send, rid, prompt_ids, begin, end, kv_addr_info,
+                                      fence):
             if out.finished and out.error:
+                if out.error_status == 409:  # its fence closed: nothing more was written
+                    raise ServeError(out.error, 409, "stale_reservation")
                 raise TransferError(out.error, out.error_status)
+        L = len(prompt_ids)  # negative window ends count from the end, as in remote_send
+        return self.engine.window_bytes((end + L if end < 0 else end) - (begin + L if begin < 0 else begin))
 
     # ---- the loop ------------------------------------------------------------------------------
     async def _loop(self) -> None:

@@ -27,7 +27,7 @@ from microserve.engine.scheduler import Scheduler
 from microserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from microserve.errors import ServeError
 from microserve.protocol import fit_context
-from microserve.kv.cache import KVCache, SendWindow
+from microserve.kv.cache import Fence, KVCache, SendWindow
 from microserve.kv.pool import KVPool
 from microserve.model.loader import load_model, resolve_dtype, resolve_model_path
 from microserve.transfer.base import TransferError, decode_kv_addr, encode_kv_addr, make_transport
@@ -93,7 +93,8 @@ class Engine:
         transport = c.kv_transport if c.kv_transport != "auto" else "cuda_ipc" if self.device.type == "cuda" else "shm"
         self.transport = make_transport(transport)
         self.pool = KVPool(self.transport.allocate(shape, self.dtype, self.device))
-        self.cache = KVCache(self.pool, c.enable_prefix_caching, c.recv_lease_s)
+        # a write a sender started lands within its transfer timeout; 5 s more for clock slack between hosts
+        self.cache = KVCache(self.pool, c.enable_prefix_caching, c.recv_lease_s, hold_s=c.transfer_timeout_s + 5.0)
         graphs = self._use_decode_graphs()
         self.max_model_len = min(c.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings,
                                  (num_pages - graphs) * c.page_size)  # graphs reserve a scratch page
@@ -104,6 +105,7 @@ class Engine:
                                                           self.max_model_len)
             self.runner.decode_graphs.capture()
         self.requests: dict[str, Request] = {}
+        self._fenced: dict[str, Request] = {}  # sends whose fence must be open before each step writes
         self.stats = EngineStats()
         self._sent_since_flush = False
         self.layout = [mc.num_layers, mc.num_kv_heads, mc.head_dim, c.page_size, str(self.dtype).removeprefix("torch.")]
@@ -191,7 +193,10 @@ class Engine:
         """Cached prefix length, read-only, counting at most len-1 tokens (the last is always computed)."""
         return min(self.cache.peek(prompt_ids), max(len(prompt_ids) - 1, 0) // self.pool.page_size * self.pool.page_size)
 
-    def prep_recv(self, rid: str, prompt_ids: list[int], end: int, params: SamplingParams) -> tuple[str, int]:
+    def prep_recv(self, rid: str, prompt_ids: list[int], end: int, params: SamplingParams,
+                  fence_url: str | None = None) -> tuple[str, int]:
+        """Reserve slots for prompt[matched:end); returns (kv_append_metadata, matched). The metadata
+        names the reservation's fence and `fence_url`, where senders claim it."""
         params = self.validate(prompt_ids, params)
         end = _window_index(end, len(prompt_ids), "end")
         if not 0 <= end < len(prompt_ids):
@@ -200,9 +205,19 @@ class Engine:
             raise RequestError(f"request id {rid!r} is already running", 409, "conflict")
         desc = self.transport.describe()  # before reserving: a transport that cannot receive leaks nothing
         res = self.cache.reserve_recv(rid, prompt_ids, end, payload=params)
-        return encode_kv_addr(self.transport.name, desc, self.layout, res.slots(self.pool.page_size)), res.matched
+        fence = {"id": res.fence, **({"url": fence_url} if fence_url else {})}
+        return encode_kv_addr(self.transport.name, desc, self.layout, res.slots(self.pool.page_size), fence), res.matched
 
-    def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> Request:
+    def claim_fence(self, fence: str, done: bool = False) -> float | None:
+        """A sender claims or renews our reservation's fence (returns the wall-clock deadline for its
+        writes), or says it is done writing (`done`: no quarantine needed)."""
+        if done:
+            self.cache.settle(fence)
+            return None
+        return self.cache.claim(fence)
+
+    def check_send(self, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> tuple[dict, list[int]]:
+        """Validate a remote_send without touching anything; returns kv_addr_info decoded, and its slots."""
         L = len(prompt_ids)
         if not prompt_ids:
             raise RequestError("the prompt is empty", param="prompt")
@@ -219,11 +234,22 @@ class Engine:
                                 f"{self.layout} (a different model?)", 400)
         if len(dst) != end - begin:
             raise TransferError(f"end - begin = {end - begin} but the receiver reserved {len(dst)} slots", 400)
+        return doc, dst
+
+    def remote_send(self, rid: str, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str,
+                    fence: Fence | None = None) -> Request:
+        """Compute prompt[:end] (what is not cached) and write the KV of [begin, end) into the
+        receiver's slots, layer by layer. With a fence, no write starts once it is closed."""
+        doc, dst = self.check_send(prompt_ids, begin, end, kv_addr_info)
+        L = len(prompt_ids)
+        begin, end = _window_index(begin, L, "begin"), _window_index(end, L, "end")
         remote = self.transport.connect(doc["peer"])
         send_rid = f"send-{rid}"
         req = self._new_request(send_rid, prompt_ids[:end], SamplingParams(max_tokens=1, temperature=0.0),
-                                send_only=True, send=SendWindow(begin, end, dst, remote))
+                                send_only=True, send=SendWindow(begin, end, dst, remote, fence))
         self.requests[send_rid] = req
+        if fence is not None:
+            self._fenced[send_rid] = req
         self.scheduler.add(req)
         return req
 
@@ -254,10 +280,14 @@ class Engine:
         self.scheduler.add(req)
         return req
 
+    def window_bytes(self, tokens: int) -> int:
+        """KV bytes of `tokens` positions, every layer, K and V: what a send window moves."""
+        return tokens * self.pool.bytes_per_token_layer * self.pool.num_layers
+
     def _count_received(self, rid: str) -> None:
         res = self.cache.reservations.get(rid)
         if res is not None:
-            self.stats.kv_received_bytes += (res.end - res.matched) * self.pool.bytes_per_token_layer * self.pool.num_layers
+            self.stats.kv_received_bytes += self.window_bytes(res.end - res.matched)
 
     def commit(self, rid: str) -> int:
         self._count_received(rid)
@@ -270,9 +300,19 @@ class Engine:
         return self.cache.expire()
 
     # ---- the step -----------------------------------------------------------------------------
+    def _close_fenced(self) -> list[RequestOutput]:
+        """End the sends whose fence closed (deadline passed, or revoked) before this step writes."""
+        outs = []
+        for req in [r for r in self._fenced.values() if not r.send.fence.open()]:
+            req.error = ("the receiver's reservation ended (aborted, expired or no longer renewed) before its KV "
+                         "was sent; nothing more is written to it")
+            req.error_status = 409
+            outs.append(self._finish(req, "error"))
+        return outs
+
     def step(self) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = self._close_fenced() if self._fenced else []
         batch = self.scheduler.schedule()
-        outputs: list[RequestOutput] = []
         admitted = self.scheduler.admitted
         for req in admitted:
             if req.send is not None and self.runner.send_cached(req, req.num_computed):
@@ -355,6 +395,7 @@ class Engine:
             req.seq = None
         req.status, req.finish_reason = Status.FINISHED, reason
         self.requests.pop(req.rid, None)
+        self._fenced.pop(req.rid, None)
         s = self.stats
         s.requests_finished[reason] = s.requests_finished.get(reason, 0) + 1
         if not req.send_only:

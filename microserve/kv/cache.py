@@ -8,6 +8,15 @@ Every page is in exactly one of three states, which `accounting()` checks:
 
 where total leaves out the pages the pool reserved for good (`KVPool.reserve_page`).
 
+**Fencing.** A reservation's slots are written by another engine, one-sidedly, so the pages must
+not be reused while a write into them could still land. Each reservation has a fence (a unique
+id in its kv_append_metadata). A sender claims the fence before it writes and renews it while its
+send is queued or running; each claim or renewal extends the lease and tells the sender a wall-clock
+deadline after which it starts no write. A fence that was never claimed ends with its reservation:
+a later claim gets 409 and nothing is written. The pages of a claimed reservation that is aborted
+or expires are quarantined (still owned, never read) until the last granted deadline plus the
+longest a started write may take (`hold_s`), then freed.
+
 A sequence's block table `SeqKV.pages` mixes tree pages (a locked, shared prefix) and private pages:
 
     positions   0 ........ cached_len ............... len(pages) * page_size
@@ -16,6 +25,7 @@ A sequence's block table `SeqKV.pages` mixes tree pages (a locked, shared prefix
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,12 +47,26 @@ class SeqKV:
 
 
 @dataclass(eq=False)
+class Fence:
+    """A sender's claim on a receiver's reservation: no write may start after `deadline` (wall
+    clock, as the receiver granted it) or once `revoked`. Renewed from the event loop, read by the step."""
+    id: str
+    url: str
+    deadline: float
+    revoked: bool = False
+
+    def open(self) -> bool:
+        return not self.revoked and time.time() < self.deadline
+
+
+@dataclass(eq=False)
 class SendWindow:
     """Positions [begin, end) of a sequence go to `dst_slots` (one per position) in `remote`."""
     begin: int
     end: int
     dst_slots: list[int]
     remote: Any
+    fence: Fence | None = None
 
 
 @dataclass(eq=False)
@@ -53,21 +77,27 @@ class Reservation:
     end: int
     matched: int
     seq: SeqKV
-    deadline: float
+    deadline: float  # monotonic: the lease
     payload: Any = None  # the original request, used by start_generate
+    fence: str = field(default_factory=lambda: uuid.uuid4().hex)
+    granted: float | None = None  # wall-clock deadline last given to a sender (None: never claimed)
 
     def slots(self, page_size: int) -> list[int]:
         return slots_for(self.seq.pages, self.matched, self.end, page_size)
 
 
 class KVCache:
-    def __init__(self, pool: KVPool, enable_prefix_caching: bool = True, recv_lease_s: float = 60.0) -> None:
+    def __init__(self, pool: KVPool, enable_prefix_caching: bool = True, recv_lease_s: float = 60.0,
+                 hold_s: float = 35.0) -> None:
         self.pool = pool
         self.page_size = pool.page_size
         self.tree = PrefixTree(pool.page_size)
         self.enable_prefix_caching = enable_prefix_caching
         self.recv_lease_s = recv_lease_s
+        self.hold_s = hold_s  # a started write lands within this (the sender's transfer timeout + clock slack)
         self.reservations: dict[str, Reservation] = {}
+        self.fences: dict[str, Reservation] = {}  # fence id -> live (parked) reservation
+        self.quarantine: list[tuple[float, SeqKV, str]] = []  # (monotonic release time, pages a write may hit, fence)
         self.ended: dict[str, str] = {}  # rid -> "expired" | "started" | "committed" | "aborted" (bounded)
         self._live: set[SeqKV] = set()
 
@@ -142,7 +172,29 @@ class KVCache:
             raise KVCacheError(f"not enough KV pages to receive {end} tokens", 503, "kv_cache_full")
         res = Reservation(rid, list(tokens), end, seq.cached_len, seq, time.monotonic() + self.recv_lease_s, payload)
         self.reservations[rid] = res
+        self.fences[res.fence] = res
         return res
+
+    def claim(self, fence: str) -> float:
+        """A sender is about to write (or still is): extend the lease, return the wall-clock deadline
+        until which it may start writes. 409 if the reservation has ended (never write then)."""
+        res = self.fences.get(fence)
+        if res is None:
+            raise KVCacheError("the reservation this kv_addr_info names has ended (started, committed, aborted "
+                               "or expired): its slots may belong to someone else now", 409, "stale_reservation")
+        res.deadline = time.monotonic() + self.recv_lease_s
+        res.granted = time.time() + self.recv_lease_s
+        return res.granted
+
+    def settle(self, fence: str) -> None:
+        """The sender of a claimed fence says none of its writes can land any more (it stopped before
+        writing, or every write it started has landed): the pages need no quarantine."""
+        res = self.fences.get(fence)
+        if res is not None:
+            res.granted = None
+        for q in [q for q in self.quarantine if q[2] == fence]:
+            self.quarantine.remove(q)
+            self.release(q[1])
 
     def take(self, rid: str) -> Reservation:
         """Remove and return a parked reservation; 404 unknown, 409 expired or already ended."""
@@ -151,7 +203,9 @@ class KVCache:
             how = self.ended.get(rid)
             if how is None:
                 raise KVCacheError(f"no parked request with id {rid!r}", 404, "not_found")
-            raise KVCacheError(f"request {rid!r} is no longer parked: it {how}", 409, "conflict")
+            code = "lease_expired" if how.startswith("expired") else "conflict"
+            raise KVCacheError(f"request {rid!r} is no longer parked: it {how}", 409, code)
+        self.fences.pop(res.fence, None)
         return res
 
     def _end(self, rid: str, how: str) -> None:
@@ -170,18 +224,36 @@ class KVCache:
 
     def abort(self, rid: str) -> None:
         res = self.take(rid)
-        self.release(res.seq)
+        self._retire(res)
         self._end(rid, "was aborted")
+
+    def _retire(self, res: Reservation) -> None:
+        """Free an aborted or expired reservation's pages, or quarantine them while a sender that
+        claimed the fence may still write (see Fencing above)."""
+        if res.granted is None:
+            self.release(res.seq)
+            return
+        self.tree.unlock(res.seq.node)  # the shared prefix is never written by a sender
+        res.seq.node = None
+        hold = max(res.granted - time.time(), 0.0) + self.hold_s
+        self.quarantine.append((time.monotonic() + hold, res.seq, res.fence))
 
     def started(self, rid: str) -> None:
         self._end(rid, "already started generating")
 
     def expire(self, now: float | None = None) -> list[str]:
+        """End reservations whose lease ran out, and free quarantined pages whose time is up."""
         now = time.monotonic() if now is None else now
         gone = [rid for rid, r in self.reservations.items() if r.deadline <= now]
         for rid in gone:
-            self.release(self.reservations.pop(rid).seq)
+            res = self.reservations.pop(rid)
+            self.fences.pop(res.fence, None)
+            self._retire(res)
             self._end(rid, "expired (its lease ran out)")
+        if self.quarantine and min(q[0] for q in self.quarantine) <= now:
+            for _, seq, _ in [q for q in self.quarantine if q[0] <= now]:
+                self.release(seq)
+            self.quarantine = [q for q in self.quarantine if q[0] > now]
         return gone
 
     # ---- accounting --------------------------------------------------------------------------
@@ -189,7 +261,7 @@ class KVCache:
         owned = sum(len(s.private) for s in self._live)
         return {"total": self.pool.num_usable, "free": self.pool.num_free, "cached": self.tree.num_nodes,
                 "evictable": self.tree.num_evictable, "owned": owned, "live_seqs": len(self._live),
-                "parked": len(self.reservations)}
+                "parked": len(self.reservations), "quarantined": sum(len(q[1].private) for q in self.quarantine)}
 
     def check(self) -> dict[str, int]:
         a = self.accounting()

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 
+from microserve.cluster import auth_headers, resolve_token
 from microserve.errors import ServeError
 
 ROLES = ("prefill", "decode", "both")
@@ -56,11 +57,13 @@ class RouterRequest:
 
 class EngineClient:
     def __init__(self, url: str, role: str = "both", rank: int = 0, session: aiohttp.ClientSession | None = None,
-                 timeout_s: float = 60.0, observe=None) -> None:
+                 timeout_s: float = 60.0, observe=None, cluster_token: str | None = None) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.url, self.role, self.rank = url.rstrip("/"), role, rank
         self.session = session
+        self.headers = auth_headers(cluster_token or resolve_token())  # the microserving calls need it
+        self.kv_bytes_sent = 0  # KV this engine wrote to others for the router, as each remote_send reported
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
         self.healthy, self.draining = True, False
         self.load = Load()
@@ -84,7 +87,7 @@ class EngineClient:
         load.running += running
         t0 = time.perf_counter()
         try:
-            async with self.session.post(self.url + path, json=body, timeout=self.timeout) as resp:
+            async with self.session.post(self.url + path, json=body, timeout=self.timeout, headers=self.headers) as resp:
                 if resp.status >= 400:
                     raise await _engine_error(resp)
                 yield resp
@@ -142,9 +145,10 @@ class EngineClient:
         return r["kv_append_metadata"], r["prefix_matched_length"]
 
     async def remote_send(self, req: RouterRequest, begin: int, end: int, kv_addr_info: str, recv_rank: int = 0) -> None:
-        await self._json("remote_send", "/microserving/remote_send",
-                         self._body(req, begin=begin, end=end, kv_addr_info=kv_addr_info, recv_rank=recv_rank),
-                         prefill_tokens=end - begin)
+        r = await self._json("remote_send", "/microserving/remote_send",
+                             self._body(req, begin=begin, end=end, kv_addr_info=kv_addr_info, recv_rank=recv_rank),
+                             prefill_tokens=end - begin)
+        self.kv_bytes_sent += r.get("kv_bytes", 0)
 
     def start_generate(self, req: RouterRequest, begin: int) -> AsyncIterator[dict]:
         req.parked.pop(self.url, None)  # from here on the engine owns the request

@@ -17,7 +17,11 @@ import itertools
 import logging
 from typing import AsyncIterator
 
-from microserve.router.client import EngineClient, EngineUnavailable, RouterRequest
+from microserve.router.client import EngineClient, EngineError, EngineUnavailable, RouterRequest
+
+# Engine answers that mean "this request's reservation ended before its KV arrived" (its lease ran
+# out while the prefill engine was busy): nothing reached the client, so it can simply run again.
+RETRY_CODES = ("lease_expired", "stale_reservation")
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,7 @@ class Router:
 
     name = "base"
     max_retries = 1  # re-run a failed request on other engines, only while nothing was streamed
+    max_lease_retries = 3  # re-run a request whose reservation ended before its KV came
 
     def __init__(self, engines: EngineSet) -> None:
         self.engine_set = engines
@@ -126,7 +131,7 @@ class Router:
         """translate_request with cleanup and retry: a reservation left parked by a failed or
         abandoned request is aborted, and a request that failed before any token reached the client
         is re-run (its failed engine is now unhealthy, so the strategy picks another)."""
-        attempt = 0
+        attempt = lease_attempt = 0
         while True:
             try:
                 async for chunk in self.translate_request(req):
@@ -138,6 +143,11 @@ class Router:
                     raise
                 attempt += 1
                 log.warning("request %s: %s; retrying (%d/%d)", req.rid, e, attempt, self.max_retries)
+            except EngineError as e:  # a reservation that ended before its KV came (lease ran out under load)
+                if req.streamed or lease_attempt >= self.max_lease_retries or e.code not in RETRY_CODES:
+                    raise
+                lease_attempt += 1
+                log.info("request %s: %s; retrying (%d/%d)", req.rid, e, lease_attempt, self.max_lease_retries)
             finally:
                 await release_parked(req)
 

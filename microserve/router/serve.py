@@ -9,6 +9,7 @@ import secrets
 import sys
 import time
 
+from microserve.cluster import TOKEN_ENV, new_token, resolve_token
 from microserve.launch import Proc, StartupError, free_port, spawn, stop, wait_healthy
 from microserve.model_files import TOKENIZER_FILES, model_dir
 from microserve.router.app import RouterService, build_router_app
@@ -69,10 +70,20 @@ def start_engines(model: str, n: int, extra: list[str], pin_cores: bool = False,
     return procs
 
 
+def share_cluster_token(explicit: str | None = None) -> str:
+    """The cluster token for engines started from here and the router in this process: the given
+    one, $MICROSERVE_CLUSTER_TOKEN, or a new one. Exported, so child engines inherit it (never on
+    their command line, where `ps` would show it) and EngineClients send it."""
+    token = resolve_token(explicit) or new_token()
+    os.environ[TOKEN_ENV] = token
+    return token
+
+
 def up(a, extra: list[str]) -> int:
     roles = engine_roles(a.engines, a.strategy, a.prefill)
     parse_spec(a.strategy)
     token = a.admin_token or os.environ.get("MICROSERVE_ADMIN_TOKEN") or secrets.token_urlsafe(16)
+    share_cluster_token(a.cluster_token)
     os.makedirs(a.log_dir, exist_ok=True)
     t0 = time.perf_counter()
     procs = start_engines(a.model, a.engines, extra, a.pin_cores, a.log_dir)

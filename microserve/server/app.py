@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from microserve.cluster import is_loopback
 from microserve.config import EngineConfig
 from microserve.engine.async_engine import AsyncEngine
 from microserve.engine.engine import Engine
@@ -16,7 +17,7 @@ from microserve.server.metrics import EngineMetrics
 from microserve.server.microserving_api import MicroservingAPI
 from microserve.server.openai_api import OpenAIAPI
 from microserve.server.process import freeze_startup_objects, keep_freed_memory
-from microserve.web import error_middleware, run_app, serve_until_signal
+from microserve.web import check_bearer, error_middleware, run_app, serve_until_signal
 
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,29 @@ class ServerState:
     started: float
 
 
-def build_app(engine: Engine, debug_api: bool = False) -> web.Application:
+def auth_middleware(cluster_token: str | None, api_key: str | None):
+    """The microserving and debug calls need the cluster token, the OpenAI API the api key (if set);
+    /health and /metrics stay open for probes and scrapers."""
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        path = request.path
+        if cluster_token and path.startswith(("/microserving/", "/debug/")):
+            check_bearer(request, cluster_token, "cluster token")
+        elif api_key and path.startswith("/v1/"):
+            check_bearer(request, api_key, "API key")
+        return await handler(request)
+    return auth
+
+
+def build_app(engine: Engine, debug_api: bool = False, cluster_token: str | None = None,
+              api_key: str | None = None) -> web.Application:
     state = ServerState(engine, AsyncEngine(engine), EngineMetrics(engine), time.time())
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 2**20)
+    app = web.Application(middlewares=[error_middleware, auth_middleware(cluster_token, api_key)],
+                          client_max_size=64 * 2**20)
     app["state"] = state
     openai = OpenAIAPI(state)
-    app.add_routes(openai.routes() + MicroservingAPI(state, openai).routes())
+    microserving = MicroservingAPI(state, openai, cluster_token)
+    app.add_routes(openai.routes() + microserving.routes())
 
     async def health(request: web.Request) -> web.Response:
         a = engine.cache.accounting()
@@ -57,6 +75,7 @@ def build_app(engine: Engine, debug_api: bool = False) -> web.Application:
         await state.aengine.start()
 
     async def on_cleanup(app):
+        await microserving.fences.close()
         await state.aengine.stop()
 
     app.on_startup.append(on_startup)
@@ -64,13 +83,18 @@ def build_app(engine: Engine, debug_api: bool = False) -> web.Application:
     return app
 
 
-async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = False) -> None:
+async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = False, cluster_token: str | None = None,
+                api_key: str | None = None, insecure: bool = False) -> None:
+    if not cluster_token and not insecure and not is_loopback(host):
+        raise SystemExit(f"refusing to serve the microserving API on {host} without a cluster token: anyone who "
+                         "reaches it could move KV. Give --cluster-token (or $MICROSERVE_CLUSTER_TOKEN), bind "
+                         "127.0.0.1, or pass --insecure")
     t0 = time.perf_counter()
     if config.num_threads is None:  # leave a core to the event loop (HTTP, streaming), as vLLM does
         config.num_threads = max(1, len(os.sched_getaffinity(0)) - 1)
     keep_freed_memory()
     engine = Engine(config)
-    app = build_app(engine, debug_api)
+    app = build_app(engine, debug_api, cluster_token, api_key)
     freeze_startup_objects()
     runner = await run_app(app, host, port)
     a = engine.cache.accounting()

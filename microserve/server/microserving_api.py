@@ -6,15 +6,20 @@
     POST /microserving/commit           {..., "user"}                      -> {"cached_tokens"}
     POST /microserving/abort            {"user"}                           -> {}
     POST /microserving/match            {"prompt"}                         -> {"prefix_matched_length"}
+    POST /microserving/fence            {"fence"}                          -> {"deadline"}  (sender -> receiver)
 
-Every body is an OpenAI completion request; `user` is the request id shared by the calls.
+Every body is an OpenAI completion request; `user` is the request id shared by the calls. With a
+cluster token, every call needs it (server/app.py), kv_append_metadata is signed with it, and a
+remote_send claims the receiver's fence before it writes (server/fencing.py).
 """
 from __future__ import annotations
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from microserve.cluster import sign, verify
 from microserve.protocol import MicroservingRequest, PrepRecvResponse
+from microserve.server.fencing import FenceKeeper
 from microserve.server.openai_api import OpenAIAPI, respond, sampling_params
 from microserve.web import HTTPError, parse_body
 
@@ -23,13 +28,19 @@ class RequestId(BaseModel):
     user: str
 
 
+class FenceRequest(BaseModel):
+    fence: str
+    done: bool = False  # the sender wrote all it will: no quarantine needed
+
+
 class MicroservingAPI:
-    def __init__(self, state, openai: OpenAIAPI) -> None:
-        self.s, self.openai = state, openai
+    def __init__(self, state, openai: OpenAIAPI, cluster_token: str | None = None) -> None:
+        self.s, self.openai, self.token = state, openai, cluster_token
+        self.fences = FenceKeeper(cluster_token)
 
     def routes(self) -> list[web.RouteDef]:
         return [web.post(f"/microserving/{name}", getattr(self, name))
-                for name in ("prep_recv", "remote_send", "start_generate", "commit", "abort", "match")]
+                for name in ("prep_recv", "remote_send", "start_generate", "commit", "abort", "match", "fence")]
 
     async def _body(self, request: web.Request, *fields: str) -> tuple[MicroservingRequest, list[int]]:
         body = await parse_body(request, MicroservingRequest)
@@ -44,14 +55,24 @@ class MicroservingAPI:
 
     async def prep_recv(self, request: web.Request) -> web.Response:
         body, ids = await self._body(request, "end")
+        # senders claim the fence at the address the caller reached us by
         meta, matched = await self._engine(self.s.engine.prep_recv, body.user, ids, body.end,
-                                           sampling_params(body, body.max_tokens))
-        return web.json_response(PrepRecvResponse(kv_append_metadata=meta, prefix_matched_length=matched).model_dump())
+                                           sampling_params(body, body.max_tokens), f"http://{request.host}")
+        return web.json_response(PrepRecvResponse(kv_append_metadata=sign(meta, self.token),
+                                                  prefix_matched_length=matched).model_dump())
 
     async def remote_send(self, request: web.Request) -> web.Response:
         body, ids = await self._body(request, "begin", "end", "kv_addr_info")
-        await self.s.aengine.remote_send(body.user, ids, body.begin, body.end, body.kv_addr_info)
-        return web.json_response({})
+        kv_addr_info = verify(body.kv_addr_info, self.token)  # nothing in it is used unless it is ours
+        doc, _ = self.s.engine.check_send(ids, body.begin, body.end, kv_addr_info)  # bad input: 4xx before a claim
+        fence = await self.fences.claim(doc.get("fence") or {})
+        async with self.fences.held(fence):
+            sent = await self.s.aengine.remote_send(body.user, ids, body.begin, body.end, kv_addr_info, fence)
+        return web.json_response({"kv_bytes": sent})
+
+    async def fence(self, request: web.Request) -> web.Response:
+        body = await parse_body(request, FenceRequest)
+        return web.json_response({"deadline": await self._engine(self.s.engine.claim_fence, body.fence, body.done)})
 
     async def start_generate(self, request: web.Request) -> web.StreamResponse:
         body, ids = await self._body(request, "begin")

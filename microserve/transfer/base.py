@@ -4,7 +4,10 @@
 of JSON:
 
     {"transport": "shm", "peer": {...how to reach the receiver's pool...},
-     "layout": [layers, kv_heads, head_dim, page_size, dtype], "runs": [n, begin1, len1, ...]}
+     "layout": [layers, kv_heads, head_dim, page_size, dtype], "runs": [n, begin1, len1, ...],
+     "fence": {"id": ..., "url": the receiver's address, where a sender claims the fence}}
+
+signed by the receiver with the cluster token (microserve/cluster.py) when there is one.
 
 `runs` are the receiver's slots for prompt[matched:end) in MLC's compressed form.
 """
@@ -41,8 +44,10 @@ class TransferStats:
     exposed_s: float = 0.0  # of which compute waited for (the rest was hidden behind compute)
 
 
-def encode_kv_addr(transport: str, peer: dict, layout: list, slots: list[int]) -> str:
+def encode_kv_addr(transport: str, peer: dict, layout: list, slots: list[int], fence: dict | None = None) -> str:
     doc = {"transport": transport, "peer": peer, "layout": layout, "runs": compress_runs(slots)}
+    if fence is not None:  # the reservation's fence: {"id", "url"} (kv/cache.py, Fencing)
+        doc["fence"] = fence
     return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
 
 

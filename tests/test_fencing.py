@@ -1,0 +1,113 @@
+"""Fencing and credentials: a late or stale remote_send changes nothing anyone reads, quarantined
+pages are never reused while a write may land, and the microserving API needs the cluster token."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+import torch
+
+from conftest import AUTH, STORIES, kv_accounting
+from test_microserving import assert_clean, body, post, single
+
+from microserve.kv.cache import KVCache, KVCacheError
+from microserve.kv.pool import KVPool
+from microserve.tokenizer import Tokenizer
+
+PROMPT = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun"
+VICTIM = "The little dog ran to the park. He saw a big red ball and wanted to play with it all day"
+
+
+@pytest.fixture(scope="module")
+def pd(module_engines):
+    args = ["--page-size", "4", "--recv-lease-s", "1", "--transfer-timeout-s", "2"]
+    return module_engines.start(*args, name="P").url, module_engines.start(*args, name="D").url
+
+
+@pytest.mark.parametrize("how", ["abort", "lease expiry"])
+def test_stale_remote_send_changes_nothing(pd, how):
+    """Free a reservation (abort, or let its 1 s lease run out), cache a victim prompt on its pages
+    (the pool hands freed pages out first), then send the late remote_send: it gets a 409, and the
+    victim's greedy output (now served from its cached prefix) is unchanged."""
+    P, D = pd
+    ids = Tokenizer(STORIES).encode(PROMPT)
+    victim = Tokenizer(STORIES).encode(VICTIM)
+
+    async def go():
+        rid = f"stale-{how}-{time.monotonic_ns()}"
+        st, r = await post(D, "/microserving/prep_recv", body(rid, ids, end=len(ids) - 1))
+        assert st == 200 and r["prefix_matched_length"] == 0, r
+        if how == "abort":
+            assert (await post(D, "/microserving/abort", {"user": rid}))[0] == 200
+        else:
+            await asyncio.sleep(2.0)  # lease 1 s, swept every 0.5 s
+        before = await single(D, victim)  # computes the victim's KV onto the freed pages, and caches it
+        st, s = await post(P, "/microserving/remote_send",
+                           body(rid, ids, begin=0, end=len(ids) - 1, kv_addr_info=r["kv_append_metadata"]))
+        assert st == 409 and s["error"]["code"] == "stale_reservation", s
+        after = await single(D, victim)  # a prefix hit on the pages the late write targeted
+        assert after == before
+        assert kv_accounting(D)["cached"] > 0
+    asyncio.run(go())
+    assert_clean(P, D)
+
+
+def test_quarantine_holds_pages_until_the_sender_is_done():
+    """A claimed reservation that is aborted keeps its pages out of use until the granted deadline
+    plus hold_s, or until the sender settles; a claim after the end is refused."""
+    pool = KVPool(torch.zeros(1, 2, 8, 4, 1, 4))  # [layers, K/V, pages, page_size, kv heads, head dim]
+    cache = KVCache(pool, recv_lease_s=1.0, hold_s=2.0)
+    total = cache.accounting()["total"]
+    for settle in (False, True):
+        res = cache.reserve_recv(f"r{settle}", list(range(10)), 9)
+        pages = set(res.seq.private)
+        assert cache.claim(res.fence) > time.time()
+        cache.abort(f"r{settle}")
+        with pytest.raises(KVCacheError) as e:
+            cache.claim(res.fence)
+        assert e.value.status == 409 and e.value.code == "stale_reservation"
+        a = cache.check()
+        assert a["quarantined"] == len(pages) and a["free"] == total - len(pages)
+        other = cache.match([], 0)
+        assert cache.allocate(other, (total - len(pages)) * 4) and not pages & other.private  # never handed out
+        assert not cache.allocate(cache.match([], 0), 4)
+        cache.release(other)
+        if settle:
+            cache.settle(res.fence)
+        else:
+            cache.expire(now=time.monotonic() + 1.0)  # before the granted deadline + hold: still held
+            assert cache.accounting()["quarantined"] == len(pages)
+            cache.expire(now=time.monotonic() + 3.5)
+        a = cache.check()
+        assert (a["quarantined"], a["owned"], a["free"]) == (0, 0, total)
+    res = cache.reserve_recv("never-claimed", list(range(10)), 9)
+    cache.abort("never-claimed")  # no sender claimed it: nothing can land, freed at once
+    assert cache.check()["free"] == total
+
+
+def test_microserving_calls_need_the_cluster_token(pd):
+    """Without the token every microserving and debug call is a 401 (with the OpenAI error body);
+    with it, the call works; the OpenAI API, /health and /metrics stay open."""
+    P, D = pd
+    ids = Tokenizer(STORIES).encode(PROMPT)
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            for path, payload in (("/microserving/prep_recv", body("x", ids, end=3)), ("/microserving/match", {"prompt": ids}),
+                                  ("/microserving/abort", {"user": "x"}), ("/microserving/fence", {"fence": "f"})):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": AUTH["Authorization"][7:]}):
+                    async with s.post(D + path, json=payload, headers=headers) as r:
+                        err = (await r.json())["error"]
+                        assert r.status == 401 and err["code"] == "unauthorized" and "cluster token" in err["message"]
+            async with s.get(D + "/debug/kv") as r:
+                assert r.status == 401
+            async with s.post(D + "/microserving/match", json={"prompt": ids}, headers=AUTH) as r:
+                assert r.status == 200
+            async with s.post(D + "/v1/completions", json={"prompt": ids, "max_tokens": 2}) as r:
+                assert r.status == 200
+            for path in ("/health", "/metrics"):
+                async with s.get(D + path) as r:
+                    assert r.status == 200
+    asyncio.run(go())
