@@ -111,3 +111,34 @@ def test_microserving_calls_need_the_cluster_token(pd):
                 async with s.get(D + path) as r:
                     assert r.status == 200
     asyncio.run(go())
+
+
+def test_short_leases_hold_under_a_backlog(tmp_path):
+    """1 s leases, 160 concurrent requests through pd on 1 prefill + 1 decode engine: the prefill
+    engine's queue is longer than a lease, so senders renew the fences they hold while queued, and
+    no client gets an error. Outputs match a single engine's; pages go back to the pool."""
+    from test_router import TOK, Cluster, admin, complete
+
+    # a 16-token step budget and ~390-token prompts: the prefill engine's queue takes several seconds to drain
+    c = Cluster(tmp_path, roles=("prefill", "decode"), engine_args=["--recv-lease-s", "1", "--max-num-batched-tokens", "16"])
+    try:
+        story = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park "
+                 "with her friends and her dog, and every day they ran and jumped and laughed together. ")
+        prompts = [TOK.encode(f"Day {i}: {story * 6}") for i in range(160)]  # no shared prefix
+
+        async def go():
+            assert (await admin(c.url, "/admin/strategy", {"strategy": "pd"}))[0] == 200
+            return await asyncio.gather(*(complete(c.url, {"prompt": p, "max_tokens": 4, "temperature": 0,
+                                                           "return_token_ids": True}) for p in prompts))
+        results = asyncio.run(go())
+        assert [st for st, _ in results] == [200] * len(prompts), [r for st, r in results if st != 200][:3]
+        assert "expired" not in (tmp_path / "engine1.log").read_text()  # no lease ran out (no retry hid one)
+
+        async def refs():
+            return [await complete(c.ref.url, {"prompt": p, "max_tokens": 4, "temperature": 0, "return_token_ids": True})
+                    for p in prompts[::40]]
+        for (_, got), (_, want) in zip(results[::40], asyncio.run(refs())):
+            assert got["choices"][0]["token_ids"] == want["choices"][0]["token_ids"]
+        assert_clean(*(e.url for e in c.engines))
+    finally:
+        c.stop()
