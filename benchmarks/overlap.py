@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import random
 import sys
@@ -118,6 +119,56 @@ def drain(e: Engine) -> int:
     return steps
 
 
+def served_hidden(cfg: dict, lengths: list[int], n: int, rng: random.Random) -> dict[int, float]:
+    """The same model served by two engine processes: n PD requests per length (prep_recv on D,
+    remote_send from P, start_generate on D); the hidden share P's /metrics counters give."""
+    import asyncio
+    import urllib.request
+
+    import aiohttp
+
+    from microserve.cluster import TOKEN_ENV, auth_headers, new_token
+    from microserve.launch import free_port, spawn, stop, wait_healthy
+
+    os.environ[TOKEN_ENV] = token = new_token()
+    args = ["engine", "--model", cfg["model"], "--load-format", "dummy", "--kv-cache-memory-mb",
+            str(cfg["kv_cache_memory_mb"]), "--max-num-batched-tokens", str(cfg["max_num_batched_tokens"]),
+            "--page-size", str(cfg["page_size"])] + (["--num-threads", str(cfg["num_threads"])] if cfg["num_threads"] else [])
+    P, D = spawn("P", args, free_port()), spawn("D", args + ["--seed", "1"], free_port())
+
+    def counters() -> tuple[float, float]:
+        text = urllib.request.urlopen(P.url + "/metrics").read().decode()
+        value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line and line[0] != "#"}
+        return value["microserve_kv_transfer_seconds_total"], value["microserve_kv_transfer_exposed_seconds_total"]
+
+    async def one(s: aiohttp.ClientSession, L: int, rid: str) -> None:
+        body = {"user": rid, "prompt": [rng.randrange(3, 8000) for _ in range(L)], "max_tokens": 1, "temperature": 0}
+        async with s.post(D.url + "/microserving/prep_recv", json={**body, "end": L - 1}) as r:
+            meta = (await r.json())["kv_append_metadata"]
+        for url, extra in ((P.url + "/microserving/remote_send", {"begin": 0, "end": L - 1, "kv_addr_info": meta}),
+                           (D.url + "/microserving/start_generate", {"begin": L - 1})):
+            async with s.post(url, json={**body, **extra}) as r:
+                assert r.status == 200, await r.text()
+
+    async def run() -> dict[int, float]:
+        out = {}
+        async with aiohttp.ClientSession(headers=auth_headers(token)) as s:
+            await one(s, min(lengths), "warm-up")
+            for L in lengths:
+                t0 = counters()
+                for i in range(n):
+                    await one(s, L, f"served-{L}-{i}")
+                t1 = counters()
+                out[L] = 1 - (t1[1] - t0[1]) / (t1[0] - t0[0])
+                print(f"served L={L}: hidden {out[L] * 100:.1f} % over {n} requests", flush=True)
+        return out
+    try:
+        wait_healthy([P, D], 300)
+        return asyncio.run(run())
+    finally:
+        stop([P, D])
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lengths", default="1000,2000,3000,4000,5000")
@@ -130,6 +181,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--no-write", action="store_true", help="print only; do not update docs/bench_microserving.md")
+    ap.add_argument("--served", type=int, default=0, metavar="N",
+                    help="also serve the same model from two engine processes and send N PD requests per length "
+                         "through the microserving API; report the hidden share their /metrics give")
+    ap.add_argument("--json", default=None, help="write the per-length hidden shares (in process, served) here")
     a = ap.parse_args()
     lengths = [int(x) for x in a.lengths.split(",")]
     m = machine()
@@ -205,7 +260,11 @@ def main() -> int:
                   f" load {loadavg()}", flush=True)
     S.close()
     R.close()
+    served = served_hidden(cfg, lengths, a.served, rng) if a.served else {}
     elapsed = time.perf_counter() - t_start
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({L: {"in_process": median(res[L]["send.hidden"]), "served": served.get(L)} for L in lengths}, f)
 
     rows = []
     for L in lengths:
@@ -222,12 +281,13 @@ def main() -> int:
                      spread(d["send.alone"], 1e3, "{:.3f}") + f" ({median(gbps_alone):.2f} GB/s)",
                      spread(ratio, 100, "{:.2f}") + " %", spread(ratio_alone, 100, "{:.2f}") + " %", paper,
                      spread(d["send.hidden"], 100) + " %", spread(d["send.hidden_layer"], 100) + " %",
-                     spread(d["send.exposed"], 1e3, "{:.3f}"), spread(d["send.hook"], 1e3, "{:.2f}")])
+                     spread(d["send.exposed"], 1e3, "{:.3f}"), spread(d["send.hook"], 1e3, "{:.2f}")]
+                    + ([f"{served[L] * 100:.1f} %"] if served else []))
     header = ["input tokens", "T_layer with send, ms", "T_layer plain prefill, ms", "compute slowdown from the send",
               "KV per layer, MiB", "T_transfer per layer during compute, ms", "T_transfer per layer alone, ms",
               "overlap ratio T_transfer/T_layer", "same, copy alone / plain layer", "paper (Llama-70B, H100)",
               "hidden share 1 - exposed/transfer", "copy done within its own layer", "exposed wait per prefill, ms",
-              "hook time on the compute thread per layer, ms"]
+              "hook time on the compute thread per layer, ms"] + (["served: /metrics hidden ratio"] if served else [])
     setup = (
         f"- model: {model_desc(a.hidden, a.intermediate, a.layers, a.heads, a.kv_heads, vocab)}; page size "
         f"{a.page_size}; torch threads {threads} (+ the CopyWorker thread)\n"

@@ -43,7 +43,8 @@ class EngineCollector:
             ("kv_parked_requests", "Requests parked by prep_recv", a["parked"]),
             ("num_requests_running", "Running requests", len(e.scheduler.running)),
             ("num_requests_waiting", "Waiting requests", len(e.scheduler.waiting)),
-            ("kv_transfer_hidden_ratio", "Share of KV transfer time hidden behind compute",
+            ("kv_transfer_hidden_ratio", "Share of KV transfer time hidden behind compute (a copy small enough to "
+             "run inline on the compute thread, as most of a tiny model's are, counts as exposed)",
              1.0 - s.kv_exposed_s / s.kv_transfer_s if s.kv_transfer_s > 0 else 0.0),
         ):
             yield GaugeMetricFamily(f"microserve_{name}", doc, value=value)
