@@ -3,15 +3,49 @@ microserving bodies (an OpenAI completion request plus window fields, as in MLC-
 and errors. Neither server/ nor router/ imports the other; both import this."""
 from __future__ import annotations
 
+import math
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from microserve.errors import ServeError
 
 DEFAULT_MAX_TOKENS = 16  # /v1/completions' default, as OpenAI's (chat defaults to the rest of the context)
+
+# Request body limits (web.parse_body). A body that carries a prompt (an OpenAI or microserving
+# request) may have MAX_BODY_BYTES; any other (commit, abort, fence, admin) CONTROL_BODY_BYTES. The
+# OpenAI fronts lower the first to what the longest prompt that could fit the context takes
+# (`openai_body_limit`).
+MAX_BODY_BYTES = 64 * 2**20
+CONTROL_BODY_BYTES = 64 * 2**10
+MAX_JSON_DEPTH = 64  # nesting levels of a request body; OpenAI's bodies need fewer than 10
+# A prompt's characters per token, at most, beyond the longest token: Unicode normalization (NFC,
+# NFKC) folds at most 3 characters into 1 (Hangul jamo into a syllable), so 4 leaves room.
+NORMALIZATION_SLACK = 4
+JSON_BYTES_PER_CHAR = 12  # the most JSON bytes one character can take: an escaped surrogate pair
+BODY_SLACK_BYTES = 2**20  # the rest of an OpenAI body: sampling fields, stop strings, message roles
+
+
+def max_prompt_chars(max_model_len: int, max_token_chars: int) -> int:
+    """The longest text (in characters) whose tokens could fit a `max_model_len` context: no token
+    stands for more than `max_token_chars` characters (`Tokenizer.max_token_chars`), times the
+    normalization slack. A longer prompt (or chat conversation) is a 400 `context_length_exceeded`
+    without being tokenized, which for a text of many megabytes would take seconds to minutes."""
+    return max_model_len * max(max_token_chars, 1) * NORMALIZATION_SLACK
+
+
+def openai_body_limit(max_model_len: int | None, max_token_chars: int | None) -> int:
+    """The most bytes an OpenAI request body may have on a front with this context: the longest
+    prompt that could fit (`max_prompt_chars`, as text or as token ids) at the most bytes JSON
+    spends on a character, plus BODY_SLACK_BYTES for the rest; MAX_BODY_BYTES at most, and while
+    the context is unknown (a router before any engine answered)."""
+    if max_model_len is None:
+        return MAX_BODY_BYTES
+    chars = max_prompt_chars(max_model_len, max_token_chars or 1)
+    return min(MAX_BODY_BYTES, BODY_SLACK_BYTES + JSON_BYTES_PER_CHAR * chars)
 
 
 def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, param: str = "prompt") -> int:
@@ -28,11 +62,30 @@ def fit_context(prompt_len: int, max_tokens: int | None, max_model_len: int, par
     return room if max_tokens is None else min(max_tokens, room)
 
 
+# The field checks of every OpenAI body (SamplingFields and its subclasses), done at parsing so that
+# the engine and the router refuse the same bodies with the same 400 before any work (the engine's
+# SamplingParams checks again, for its direct callers): field -> (is bad, code, message), for a
+# value that is not None. Code "unsupported": a feature we lack.
+FIELD_CHECKS: dict[str, tuple[Callable[[Any], bool], str, str]] = {
+    "max_tokens": (lambda v: v < 1, "invalid_request", "max_tokens must be at least 1"),
+    "max_completion_tokens": (lambda v: v < 1, "invalid_request", "max_completion_tokens must be at least 1"),
+    "temperature": (lambda v: not 0 <= v < math.inf, "invalid_request", "temperature must be a finite number >= 0"),
+    "top_p": (lambda v: not 0 < v <= 1, "invalid_request", "top_p must be in (0, 1]"),
+    "top_k": (lambda v: v < -1, "invalid_request", "top_k must be -1 (off) or a positive integer"),
+    "seed": (lambda v: not -2**63 <= v < 2**64, "invalid_request", "seed must fit in 64 bits"),
+    "n": (lambda v: v != 1, "unsupported", "only n=1 is supported"),
+    "best_of": (lambda v: v != 1, "unsupported", "best_of is not supported (only best_of=1)"),
+    "echo": (bool, "unsupported", "echo is not supported"),
+    "logprobs": (lambda v: True, "unsupported", "logprobs is not supported"),
+}
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
+    """The sampling fields of every OpenAI body, checked at parsing (FIELD_CHECKS)."""
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -41,6 +94,7 @@ class SamplingFields(BaseModel):
     top_p: float = 1.0
     top_k: int = -1
     n: int = 1
+    best_of: int | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
@@ -50,11 +104,12 @@ class SamplingFields(BaseModel):
     user: str | None = None
     return_token_ids: bool = False  # ours (as vLLM's): include the generated token ids
 
-    @field_validator("n")
+    @field_validator(*FIELD_CHECKS, check_fields=False)
     @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n=1 is supported")
+    def _check(cls, v: Any, info: ValidationInfo) -> Any:
+        bad, code, message = FIELD_CHECKS[info.field_name]
+        if v is not None and bad(v):
+            raise PydanticCustomError(code, message)
         return v
 
     @property
@@ -73,45 +128,36 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     logprobs: int | None = None
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise ValueError("logprobs is not supported")
-        return v
-
-    def prompt_ids(self, tokenizer) -> list[int]:
-        """The prompt as token ids: given as ids, or text encoded with `tokenizer` (None: ids only)."""
+    def prompt_value(self, tokenizer) -> str | list[int]:
+        """The one prompt, as token ids or as text (a one-element list unwrapped); an empty one is a
+        400, and so is text without a tokenizer (None) to encode it."""
         p = self.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             if len(p) != 1:
                 raise ServeError("only one prompt per request is supported", param="prompt")
             p = p[0]
-        if isinstance(p, list):
-            return p
         if not p:
             raise ServeError("the prompt is empty", param="prompt")
-        if tokenizer is None:
+        if isinstance(p, str) and tokenizer is None:
             raise ServeError("no tokenizer here: give the prompt as token ids", param="prompt")
-        return tokenizer.encode(p)
+        return p
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
     def text(self) -> dict:
         c = self.content
         if isinstance(c, list):  # OpenAI content parts: keep the text ones
-            c = "".join(part.get("text", "") for part in c if part.get("type") == "text")
+            c = "".join(part.text or "" for part in c if part.type == "text")
         return {"role": self.role, "content": c or ""}
 
 
@@ -187,7 +233,23 @@ def error_body(message: str, status: int, code: str | None = None, param: str | 
 
 
 def validation_message(e: ValidationError) -> tuple[str, str | None]:
-    """A pydantic error as one readable line, plus the offending field."""
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err.get("loc", ()))
+    """A pydantic error as one readable line, plus the offending field (the deepest error: of a
+    union's alternatives, the one that got furthest; the alternatives' type names left out of the
+    path, so `messages.0.content.0.text`, not `messages.0.content.list[ContentPart].0.text`)."""
+    err = max(e.errors(), key=lambda x: len(x.get("loc", ())))
+    loc = ".".join(str(x) for x in err.get("loc", ())
+                   if isinstance(x, int) or (str(x).isidentifier() and str(x) not in _TYPE_NAMES))
+    if err["type"] in OUR_CHECKS:  # our messages name their field already
+        return err["msg"], (loc or None)
     return (f"{loc}: {err['msg']}" if loc else err["msg"]), (loc or None)
+
+
+_TYPE_NAMES = {"str", "int", "float", "bool", "bytes", "list", "dict", "none"}
+OUR_CHECKS = ("invalid_request", "unsupported")  # the codes of FIELD_CHECKS
+
+
+def validation_error(e: ValidationError) -> ServeError:
+    """A pydantic error as a 400 with our code ("unsupported" for a feature we lack)."""
+    msg, param = validation_message(e)
+    code = max(e.errors(), key=lambda x: len(x.get("loc", ())))["type"]
+    return ServeError(msg, 400, code if code in OUR_CHECKS else "invalid_request", param)

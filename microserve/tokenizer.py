@@ -28,6 +28,7 @@ class Tokenizer:
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
         self._template = None
+        self._max_token_chars: int | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -35,6 +36,22 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tk.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_nogil(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids `encode` gives, through `encode_batch`, which releases the GIL while it works:
+        `encode` holds it, so a long text tokenized on a worker thread would still stall the event
+        loop (the HTTP fronts tokenize on one, `openai_front.OpenAIFront`)."""
+        return self.tk.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: its length in the vocabulary (byte-level
+        tokens spell one character a byte, SentencePiece ones spell the space as one ▁, byte
+        fallback `<0xE2>` is longer than the byte), so a text of n characters takes at least
+        n / max_token_chars tokens, give or take normalization (`protocol.max_prompt_chars`)."""
+        if self._max_token_chars is None:
+            self._max_token_chars = max((len(t) for t in self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -56,7 +73,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         # The template already spells BOS where the model wants it.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode_nogil(self.apply_chat_template(messages), add_special_tokens=False)
 
 
 def _token_str(tok) -> str | None:

@@ -15,7 +15,8 @@ import urllib.request
 import aiohttp
 import pytest
 
-from conftest import ROOT, STORIES, STORIES_HD32, kv_accounting
+from conftest import ROOT, STORIES, kv_accounting
+from test_microserving import metric
 from microserve.launch import free_port, spawn, stop, wait_healthy
 from microserve.tokenizer import Tokenizer
 
@@ -140,15 +141,15 @@ def test_strategy_token_identical(cluster, reference, strategy):
 def test_router_metrics(cluster):
     asyncio.run(admin(cluster.url, "/admin/strategy", {"strategy": "pd"}))
     assert asyncio.run(complete(cluster.url, greedy(PROMPTS[1])))[0] == 200
-    time.sleep(1.5)  # KV bytes come from the engines' counters, read by the router's health checks
-    text = urllib.request.urlopen(cluster.url + "/metrics").read().decode()
+    text = urllib.request.urlopen(cluster.url + "/metrics").read().decode()  # at once: no health check between
     for needle in ('microserve_router_requests_total{outcome="ok",strategy="pd"}',
                    'microserve_router_time_to_first_token_seconds_count{strategy="pd"}',
                    'microserve_router_job_completion_seconds_count{strategy="pd"}',
                    'microserve_router_subrequest_seconds_count{call="remote_send"'):
         assert needle in text, needle
     moved = [l for l in text.splitlines() if l.startswith("microserve_router_kv_bytes_moved_total ")]
-    assert moved and float(moved[0].split()[-1]) > 0
+    sent = sum(metric(e.url, "microserve_kv_sent_bytes_total") for e in cluster.engines)
+    assert moved and float(moved[0].split()[-1]) == sent > 0  # the engines' own counters, to the byte
 
 
 def test_openai_client_and_chat_errors(cluster, reference):
@@ -168,23 +169,10 @@ def test_openai_client_and_chat_errors(cluster, reference):
     assert models.data[0].id == STORIES
 
 
-def test_bad_input(cluster):
+def test_admin_bad_input(cluster):
+    """The admin API's errors (the OpenAI endpoints' bad input: tests/test_bad_input.py, on the router
+    and the engine alike)."""
     async def go():
-        st, r = await complete(cluster.url, greedy("hi", temperature=-1))
-        assert st == 400 and r["error"]["param"] == "temperature"
-        st, r = await complete(cluster.url, greedy("hi", top_p=2))
-        assert st == 400
-        st, r = await complete(cluster.url, greedy("hi", model="unknown-model"))
-        assert st == 404 and r["error"]["code"] == "model_not_found"
-        st, r = await complete(cluster.url, greedy("hi", model=STORIES_HD32))  # another model's directory
-        assert st == 404 and r["error"]["code"] == "model_not_found"
-        st, r = await complete(cluster.url, greedy("hi", model=STORIES + "/"))  # the served one, spelled otherwise
-        assert st == 200, r
-        st, r = await complete(cluster.url, greedy([5] * 512, max_tokens=1))  # the prompt alone fills the context
-        assert st == 400 and r["error"]["param"] == "prompt" and r["error"]["code"] == "context_length_exceeded"
-        async with aiohttp.ClientSession() as s:
-            async with s.post(cluster.url + "/v1/completions", data=b"{not json") as resp:
-                assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_json"
         st, r = await admin(cluster.url, "/admin/strategy", {"strategy": "no_such_strategy"})
         assert st == 400 and r["error"]["code"] == "unknown_strategy"
         st, r = await admin(cluster.url, "/admin/strategy", {"name": "pd", "params": {"nope": 1}})
@@ -195,6 +183,10 @@ def test_bad_input(cluster):
         assert st == 401
         st, r = await admin(cluster.url, "/admin/engines", {"url": "http://127.0.0.1:1", "role": "boss"})
         assert st == 400 and r["error"]["param"] == "role"
+        st, r = await admin(cluster.url, "/admin/engines", {"url": "http://127.0.0.1:1", "role": "x" * 70_000})
+        assert st == 413 and r["error"]["code"] == "request_too_large"  # control bodies: 64 KiB at most
+        st, r = await admin(cluster.url, "/admin/strategy", {"strategy": "pd", "params": {"\ud800": 1}})
+        assert st == 400 and r["error"]["code"] == "invalid_json"
     asyncio.run(go())
     assert_engines_clean([e.url for e in cluster.engines])
 

@@ -15,7 +15,7 @@ import urllib.request
 import aiohttp
 import pytest
 
-from conftest import STORIES, STORIES_HD32, STORY_END, kv_accounting
+from conftest import STORIES, STORY_END, kv_accounting
 
 NAME = "stories"
 PROMPT = "Once upon a time"
@@ -235,34 +235,7 @@ def test_32_concurrent_streams_with_disconnects(server):
     assert aborted == 8, "every client that left had its request aborted (none ran to its 480 tokens)"
 
 
-# ---- errors ---------------------------------------------------------------------------------------
-BAD = [
-    ("malformed json", b'{"prompt": "Once upon', 400, None),
-    ("json not an object", b'["Once"]', 400, None),
-    ("unknown model", {"model": "gpt-17", "prompt": PROMPT}, 404, "model"),
-    ("another model's directory", {"model": STORIES_HD32, "prompt": PROMPT}, 404, "model"),
-    ("prompt beyond context", {"prompt": "the dog ran " * 200, "max_tokens": 4}, 400, "prompt"),
-    ("prompt ids beyond context", {"prompt": [5] * 512, "max_tokens": 1}, 400, "prompt"),
-    ("max_tokens 0", {"prompt": PROMPT, "max_tokens": 0}, 400, "max_tokens"),
-    ("max_tokens negative", {"prompt": PROMPT, "max_tokens": -3}, 400, "max_tokens"),
-    ("negative temperature", {"prompt": PROMPT, "temperature": -0.1}, 400, "temperature"),
-    ("temperature NaN", b'{"prompt": "Once upon a time", "temperature": NaN}', 400, "temperature"),
-    ("temperature infinite", b'{"prompt": "Once upon a time", "temperature": Infinity}', 400, "temperature"),
-    ("seed beyond 64 bits", {"prompt": PROMPT, "seed": 2**64}, 400, "seed"),
-    ("top_p 0", {"prompt": PROMPT, "top_p": 0}, 400, "top_p"),
-    ("top_p above 1", {"prompt": PROMPT, "top_p": 1.01}, 400, "top_p"),
-    ("empty prompt", {"prompt": ""}, 400, "prompt"),
-    ("empty token prompt", {"prompt": []}, 400, "prompt"),
-    ("token id out of vocab", {"prompt": [1, 512]}, 400, "prompt"),
-    ("missing prompt", {"max_tokens": 4}, 400, "prompt"),
-    ("wrong type", {"prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
-    ("stream with bad max_tokens", {"prompt": PROMPT, "max_tokens": 0, "stream": True}, 400, "max_tokens"),
-    ("echo unsupported", {"prompt": PROMPT, "echo": True}, 400, "echo"),
-    ("logprobs unsupported", {"prompt": PROMPT, "logprobs": 2}, 400, "logprobs"),
-    ("n above 1", {"prompt": PROMPT, "n": 2}, 400, "n"),
-]
-
-
+# ---- errors (bad input: tests/test_bad_input.py, on the engine and the router alike) ---------------------
 def assert_openai_error(body: dict, status: int, param: str | None = None) -> None:
     assert set(body) == {"error"}, body
     err = body["error"]
@@ -272,44 +245,6 @@ def assert_openai_error(body: dict, status: int, param: str | None = None) -> No
     assert isinstance(err["code"], str) and err["code"]
     if param is not None:
         assert err["param"] == param, err
-
-
-def test_model_named_by_another_path_to_its_directory(server):
-    """`vllm bench serve` sends the path of the served directory, spelled its own way."""
-    st, r = run(post(server, greedy(PROMPT, 4, model=STORIES + "/")))
-    assert st == 200, r
-
-
-@pytest.mark.parametrize("case", BAD, ids=[b[0] for b in BAD])
-def test_bad_input_gets_openai_error(server, case):
-    _, body, status, param = case
-    st, r = run(post(server, body))
-    assert st == status, r
-    assert_openai_error(r, status, param)
-    # and the engine keeps serving
-    st, ok = run(post(server, greedy(PROMPT, 3)))
-    assert st == 200 and ok["usage"]["completion_tokens"] == 3
-
-
-def test_chat_without_template_is_400_and_other_errors(server):
-    msgs = [{"role": "user", "content": "Tell me a story"}]
-    st, r = run(post(server, {"model": NAME, "messages": msgs, "max_tokens": 4}, "/v1/chat/completions"))
-    assert st == 400, r
-    assert_openai_error(r, 400, "messages")
-    st, r = run(post(server, {"model": NAME, "messages": "hi"}, "/v1/chat/completions"))
-    assert st == 400 and r["error"]["param"] == "messages"
-    st, r = run(post(server, {"model": "nope", "messages": msgs}, "/v1/chat/completions"))
-    assert st == 404, r
-    assert_openai_error(r, 404, "model")
-
-    async def unknown_route():
-        async with aiohttp.ClientSession() as s:
-            async with s.post(server + "/v1/nothing", json={}) as r:
-                return r.status, await r.json(content_type=None)
-    st, r = run(unknown_route())
-    assert st == 404
-    assert_openai_error(r, 404)
-    wait_clean(server)
 
 
 # ---- chat on a model that has a template ----------------------------------------------------------

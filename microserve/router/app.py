@@ -14,24 +14,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from contextlib import aclosing
-from typing import Any
+from typing import Any, AsyncIterator
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
-from microserve.config import same_model_dir
-from microserve.protocol import (DEFAULT_MAX_TOKENS, ChatCompletionRequest, CompletionRequest, SamplingFields,
-                                 completion_chunk, completion_response, error_body, fit_context, usage_chunk)
 from microserve.router.client import ROLES, EngineClient, RouterRequest
 from microserve.router.metrics import RouterMetrics
 from microserve.router.router import EngineSet, Router
 from microserve.router.strategies import UnknownStrategy, coerce_params, parse_spec, strategy_class, tunables
-from microserve.tokenizer import NoChatTemplate, Tokenizer
-from microserve.web import HTTPError, SSEWriter, check_bearer, error_middleware, parse_body
+from microserve.tokenizer import Tokenizer
+from microserve.openai_front import OpenAIFront, Piece, Prepared
+from microserve.web import HTTPError, check_bearer, error_middleware, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +59,13 @@ class RouterService:
         self.strategy_spec = strategy
         self.strategy = self.make_strategy(strategy)
         self._health_task: asyncio.Task | None = None
-        self.metrics.kv_bytes_source = lambda: sum(e.info.get("kv_sent_bytes", 0) for e in self.engine_set.engines)
+        # the served name, or a path to the model directory (the name, or where the tokenizer is)
+        self.front = OpenAIFront("router", model_name, tokenizer, self.max_model_len,
+                                 model_dirs=(model_name, *((tokenizer.path,) if tokenizer else ())))
 
     def _client(self, url: str, role: str, rank: int) -> EngineClient:
-        return EngineClient(url, role, rank, self.session, self.timeout_s, self.metrics.observe_call)
+        return EngineClient(url, role, rank, self.session, self.timeout_s, self.metrics.observe_call,
+                            on_kv_bytes=self.metrics.count_kv_bytes)
 
     def make_strategy(self, spec: str, params: dict[str, Any] | None = None) -> Router:
         name, spec_params = parse_spec(spec)
@@ -107,99 +107,57 @@ class RouterService:
             e.healthy, e.last_error = False, f"health check failed: {type(err).__name__}"
 
     # ---- requests ------------------------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        """The served name, or a path to the same model directory."""
-        if model is not None and model != self.model_name and not same_model_dir(model, self.model_name):
-            raise HTTPError(404, f"the model {model!r} does not exist; this router serves {self.model_name!r}",
-                            "model_not_found", "model")
-
     def max_model_len(self) -> int | None:
         """The smallest context the engines report (any of them may get the request), None before
-        any has answered a health check."""
+        any has answered a health check: the front applies the engines' context rule with it
+        (`protocol.fit_context`) before any engine is called; while it is unknown, the engines do."""
         return min((e.info["max_model_len"] for e in self.engine_set.engines if e.info.get("max_model_len")),
                    default=None)
-
-    def fit_context(self, prompt_len: int, max_tokens: int | None, param: str) -> int | None:
-        """The engines' context rule (`protocol.fit_context`), applied before any engine is called:
-        a too-long prompt is a 400 here, max_tokens is clamped to the context left. Unknown
-        context (no engine has reported yet): max_tokens as given, the engines apply the rule."""
-        limit = self.max_model_len()
-        return max_tokens if limit is None else fit_context(prompt_len, max_tokens, limit, param)
 
 
 def build_router_app(svc: RouterService) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     m = svc.metrics
 
-    async def serve(request: web.Request, body: SamplingFields, prompt: list[int], chat: bool) -> web.StreamResponse:
-        strategy = svc.strategy  # in-flight requests keep the strategy they started with
-        forward = {k: v for k, v in body.model_dump(exclude_unset=True).items() if k in FORWARD}
-        forward["max_tokens"] = body.max_tokens  # as fit_context left it
-        req = RouterRequest(uuid.uuid4().hex, prompt, forward, stream=body.stream)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{req.rid}"
-        t0 = time.perf_counter()
-        writer, parts, token_ids, finish, usage, first = None, [], [], None, None, True
+    async def pieces(strategy: Router, req: RouterRequest) -> AsyncIterator[Piece]:
+        """The strategy's chunks as reply pieces, observing TTFT, JCT and the outcome."""
+        t0, first = time.perf_counter(), True
         try:
             async with aclosing(strategy.run(req)) as chunks:
                 async for chunk in chunks:
                     if chunk.get("usage") and not chunk.get("choices"):
-                        usage = chunk["usage"]
+                        yield Piece(usage=chunk["usage"])
                         continue
-                    choice = chunk["choices"][0]
                     if first:
                         m.ttft.labels(strategy.name).observe(time.perf_counter() - t0)
-                        if body.stream:
-                            writer = SSEWriter(request)
-                            await writer.start()
-                    text, ids, finish = choice.get("text", ""), choice.get("token_ids", []), choice.get("finish_reason")
-                    parts.append(text)
-                    token_ids += ids
-                    if writer:
-                        await writer.send(completion_chunk(rid, svc.model_name, text, finish,
-                                                           ids if body.return_token_ids else None, chat, first))
-                    first = False
-        except Exception as e:
+                        first = False
+                    choice = chunk["choices"][0]
+                    yield Piece(choice.get("text", ""), choice.get("token_ids", []), choice.get("finish_reason"))
+        except (GeneratorExit, asyncio.CancelledError):  # the client left
+            m.requests.labels(strategy.name, "disconnected").inc()
+            raise
+        except Exception:
             m.requests.labels(strategy.name, "error").inc()
-            if writer is None:
-                raise
-            log.warning("request %s failed mid-stream: %s", rid, e)  # headers are out: report in-band
-            status = getattr(e, "status", 500)
-            await writer.send(error_body(str(e), status, getattr(e, "code", None)))
-            return await writer.done()
+            raise
         m.requests.labels(strategy.name, "ok").inc()
         m.jct.labels(strategy.name).observe(time.perf_counter() - t0)
-        if writer:
-            if body.include_usage and usage:
-                await writer.send(usage_chunk(rid, svc.model_name, usage, chat))
-            return await writer.done()
-        return web.json_response(completion_response(rid, svc.model_name, "".join(parts), finish, usage or {},
-                                                     token_ids if body.return_token_ids else None, chat))
+
+    async def serve(request: web.Request, chat: bool) -> web.StreamResponse:
+        p: Prepared = await svc.front.prepare(request, chat)
+        strategy = svc.strategy  # in-flight requests keep the strategy they started with
+        forward = {k: v for k, v in p.body.model_dump(exclude_unset=True).items() if k in FORWARD}
+        forward["max_tokens"] = p.max_tokens  # as fit_context left it
+        req = RouterRequest(p.rid.split("-", 1)[1], p.prompt, forward, stream=p.body.stream)
+        return await svc.front.answer(request, p, pieces(strategy, req))
 
     async def completions(request: web.Request) -> web.StreamResponse:
-        body = await parse_body(request, CompletionRequest)
-        svc.check_model(body.model)
-        prompt = body.prompt_ids(svc.tokenizer)
-        max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS
-        body.max_tokens = svc.fit_context(len(prompt), max_tokens, "prompt")
-        return await serve(request, body, prompt, chat=False)
+        return await serve(request, chat=False)
 
     async def chat(request: web.Request) -> web.StreamResponse:
-        body = await parse_body(request, ChatCompletionRequest)
-        svc.check_model(body.model)
-        if svc.tokenizer is None:
-            raise HTTPError(400, "the router has no tokenizer, so it cannot chat", "invalid_request")
-        try:
-            prompt = svc.tokenizer.encode_chat([msg.text() for msg in body.messages])
-        except NoChatTemplate as e:
-            raise HTTPError(400, str(e), "no_chat_template", "messages") from None
-        # None: OpenAI's chat default, as much as the context allows (256 while it is unknown)
-        max_tokens = svc.fit_context(len(prompt), body.max_completion_tokens or body.max_tokens, "messages")
-        body.max_tokens = max_tokens if max_tokens is not None else 256
-        return await serve(request, body, prompt, chat=True)
+        return await serve(request, chat=True)
 
     async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": svc.model_name, "object": "model", "created": 0, "owned_by": "microserve"}]})
+        return svc.front.models(0)
 
     async def health(request: web.Request) -> web.Response:
         engines = [e.state() for e in svc.engine_set.engines]

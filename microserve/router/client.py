@@ -57,13 +57,13 @@ class RouterRequest:
 
 class EngineClient:
     def __init__(self, url: str, role: str = "both", rank: int = 0, session: aiohttp.ClientSession | None = None,
-                 timeout_s: float = 60.0, observe=None, cluster_token: str | None = None) -> None:
+                 timeout_s: float = 60.0, observe=None, cluster_token: str | None = None, on_kv_bytes=None) -> None:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.url, self.role, self.rank = url.rstrip("/"), role, rank
         self.session = session
         self.headers = auth_headers(cluster_token or resolve_token())  # the microserving calls need it
-        self.kv_bytes_sent = 0  # KV this engine wrote to others for the router, as each remote_send reported
+        self.on_kv_bytes = on_kv_bytes  # callable(bytes) for each remote_send's reported KV bytes
         self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=timeout_s)
         self.healthy, self.draining = True, False
         self.load = Load()
@@ -148,7 +148,8 @@ class EngineClient:
         r = await self._json("remote_send", "/microserving/remote_send",
                              self._body(req, begin=begin, end=end, kv_addr_info=kv_addr_info, recv_rank=recv_rank),
                              prefill_tokens=end - begin)
-        self.kv_bytes_sent += r.get("kv_bytes", 0)
+        if self.on_kv_bytes:
+            self.on_kv_bytes(r.get("kv_bytes", 0))
 
     def start_generate(self, req: RouterRequest, begin: int) -> AsyncIterator[dict]:
         req.parked.pop(self.url, None)  # from here on the engine owns the request

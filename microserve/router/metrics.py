@@ -19,12 +19,17 @@ class RouterMetrics:
                              ["strategy"], buckets=BUCKETS, registry=r)
         self.sub = Histogram("microserve_router_subrequest_seconds", "Latency of engine calls",
                              ["call", "engine"], buckets=BUCKETS, registry=r)
-        self.kv_bytes_source = lambda: 0
+        self.kv_bytes = 0
         r.register(self)
 
+    def count_kv_bytes(self, n: int) -> None:
+        """A remote_send finished: the bytes its engine reported moving (so the counter is current
+        the moment a request completes, not as of the engines' last health check)."""
+        self.kv_bytes += n
+
     def collect(self):
-        yield CounterMetricFamily("microserve_router_kv_bytes_moved", "KV bytes moved between engines (the "
-                                  "engines' own counters, as of their last health check)", value=self.kv_bytes_source())
+        yield CounterMetricFamily("microserve_router_kv_bytes_moved", "KV bytes moved between engines by this "
+                                  "router's remote_sends, as the sending engines reported them", value=self.kv_bytes)
 
     def observe_call(self, call: str, url: str, seconds: float) -> None:
         self.sub.labels(call, url).observe(seconds)

@@ -48,7 +48,8 @@ class MicroservingAPI:
         for f in ("user",) + fields:
             if getattr(body, f) is None:
                 raise HTTPError(400, f"{request.path} needs the field {f!r}", "invalid_request", f)
-        return body, body.prompt_ids(self.s.engine.tokenizer)
+        # text prompts are tokenized off the event loop, with the OpenAI front's length cap
+        return body, await self.openai.front.prompt_ids(body, self.s.engine.max_model_len)
 
     async def _engine(self, fn, *args):
         return await self.s.aengine.call(fn, *args)
@@ -90,5 +91,5 @@ class MicroservingAPI:
 
     async def match(self, request: web.Request) -> web.Response:
         body = await parse_body(request, MicroservingRequest)
-        ids = body.prompt_ids(self.s.engine.tokenizer)
+        ids = await self.openai.front.prompt_ids(body, self.s.engine.max_model_len)
         return web.json_response({"prefix_matched_length": await self._engine(self.s.engine.match, ids)})
