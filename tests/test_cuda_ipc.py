@@ -106,3 +106,47 @@ def test_write_into_another_process():
     finally:
         proc.kill()
         proc.wait()
+
+
+def _cpu_stand_in() -> tuple[CudaIpcTransport, dict]:
+    """A cuda_ipc transport whose pool is a CPU tensor (no CUDA here), and a description of it: enough
+    for everything that must happen before any CUDA call (the planner's checks)."""
+    from microserve.transfer.plan import Planner, process_start_time
+    t = CudaIpcTransport()
+    t.local = torch.zeros(SHAPE, dtype=torch.float32)
+    t.planner = Planner(t.local)
+    strides = list(t.local.stride())
+    pid = os.getpid()
+    desc = {"host": socket.gethostname(), "pid": pid, "start": process_start_time(pid), "gpu_uuid": "GPU-x",
+            "shape": list(SHAPE), "stride": strides, "offset": 0, "dtype": "float32", "handle": "AAAA",
+            "size_bytes": t.local.numel() * 4, "offset_bytes": 0, "ref_counter_handle": "AAAA",
+            "ref_counter_offset": 0, "event_handle": None, "event_sync_required": False}
+    return t, desc
+
+
+def test_description_must_be_one_contiguous_pool():
+    t, desc = _cpu_stand_in()
+    slots = SHAPE[2] * SHAPE[3]
+    for bad in (dict(desc, stride=[1] * 6), dict(desc, offset=8), dict(desc, size_bytes=desc["size_bytes"] * 2),
+                dict(desc, shape=[SHAPE[0], 2, SHAPE[2] * 2, *SHAPE[3:]]), dict(desc, handle="not base64!"),
+                dict(desc, pid=str(os.getpid())), dict(desc, start="1"), dict(desc, dtype="bfloat16")):
+        with pytest.raises(TransferError) as e:
+            t.connect(bad)
+        assert e.value.status == (502 if bad["start"] == "1" else 400), (bad, e.value)
+    peer = t.connect(desc)  # ourselves: our own pool, no IPC handle opened
+    assert peer.kv is t.local and peer.geom.slots == slots
+
+
+def test_bad_slots_never_reach_the_device():
+    """Slots from the wire are checked against both pools before anything is queued: a garbled
+    kv_addr_info fails its flush with 400 (it used to reach index_copy_, a device assert, or raise
+    from inside the engine's layer hook), and write() itself never raises for it."""
+    t, desc = _cpu_stand_in()
+    peer = t.connect(desc)
+    slots = SHAPE[2] * SHAPE[3]
+    for src, dst in (([0, 1], [slots - 1, slots]), ([0], [-1]), ([0, 1, 2], [0, 1]), (list(range(100)), [slots] * 100)):
+        t.write(1, src, dst, peer)  # nothing queued on any stream: no CUDA call happens
+        with pytest.raises(TransferError) as e:
+            t.flush(1.0)
+        assert e.value.status == 400, e.value
+    assert t.flush(1.0).bytes == 0

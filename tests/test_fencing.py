@@ -64,6 +64,9 @@ def test_quarantine_holds_pages_until_the_sender_is_done():
         res = cache.reserve_recv(f"r{settle}", list(range(10)), 9)
         pages = set(res.seq.private)
         assert cache.claim(res.fence) > time.time()
+        assert cache.claim(res.fence, renew=True) > time.time()  # the same sender, later
+        if settle:
+            cache.claim(res.fence)  # a second sender
         cache.abort(f"r{settle}")
         with pytest.raises(KVCacheError) as e:
             cache.claim(res.fence)
@@ -75,6 +78,8 @@ def test_quarantine_holds_pages_until_the_sender_is_done():
         assert not cache.allocate(cache.match([], 0), 4)
         cache.release(other)
         if settle:
+            cache.settle(res.fence)  # one sender done, the other may still write
+            assert cache.accounting()["quarantined"] == len(pages)
             cache.settle(res.fence)
         else:
             cache.expire(now=time.monotonic() + 1.0)  # before the granted deadline + hold: still held
@@ -142,3 +147,62 @@ def test_short_leases_hold_under_a_backlog(tmp_path):
         assert_clean(*(e.url for e in c.engines))
     finally:
         c.stop()
+
+
+def test_forged_kv_addr_info_over_http(pd, tmp_path):
+    """A remote_send with a description edited to point elsewhere: signed by another cluster (403),
+    or even by this one (as an insider would: the transport's own checks give 400): another
+    process's fd, a file's fd, a path field, slots past the pool, a run of 10**12 slots. Nothing
+    is created or touched, and both engines go on serving."""
+    import base64
+    import json
+    import os
+
+    from conftest import CLUSTER_TOKEN
+    from microserve.cluster import sign, verify
+    from microserve.transfer.plan import process_start_time
+
+    P, D = pd
+    ids = Tokenizer(STORIES).encode(PROMPT)
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"x" * 4096)
+    before = (victim.stat().st_mtime_ns, victim.read_bytes())
+    target = tmp_path / "created-by-forgery"
+
+    def forge(meta: str, **change) -> str:
+        doc = json.loads(base64.b64decode(verify(meta, CLUSTER_TOKEN)))
+        runs = change.pop("runs", None)
+        doc["peer"].update(change)
+        if runs is not None:
+            doc["runs"] = runs
+        return base64.b64encode(json.dumps(doc).encode()).decode()
+
+    async def go():
+        rid = f"forge-{time.monotonic_ns()}"
+        st, r = await post(D, "/microserving/prep_recv", body(rid, ids, end=len(ids) - 1))
+        meta, m, n = r["kv_append_metadata"], r["prefix_matched_length"], len(ids) - 1
+        fd = os.open(victim, os.O_RDWR)  # this test process's fd on a file: not an engine's pool
+        try:
+            cases = [(sign(forge(meta), "another-cluster"), 403),
+                     (sign(forge(meta, pid=os.getpid(), fd=fd, start=process_start_time(os.getpid())),
+                           CLUSTER_TOKEN), 400),
+                     (sign(forge(meta, path=str(target)), CLUSTER_TOKEN), None),  # a path field is ignored
+                     (sign(forge(meta, fd=10_000), CLUSTER_TOKEN), 400),
+                     (sign(forge(meta, runs=[1, 10**9, n - m]), CLUSTER_TOKEN), 400),
+                     (sign(forge(meta, runs=[1, 0, 10**12]), CLUSTER_TOKEN), 400)]
+            for kv, want in cases:
+                st, s = await post(P, "/microserving/remote_send", body(rid, ids, begin=m, end=n, kv_addr_info=kv))
+                if want is None:
+                    assert st in (200, 409), s
+                else:
+                    assert st == want and set(s["error"]) == {"message", "type", "param", "code"}, (want, s)
+        finally:
+            os.close(fd)
+        st, g = await post(D, "/microserving/start_generate", body(rid, ids, begin=n))  # the one good send landed
+        assert st == 200 and g["choices"][0]["token_ids"] == await single(D, ids), g
+        for url in (P, D):  # both still serve
+            assert len(await single(url, ids[:8])) > 0
+    asyncio.run(go())
+    assert not target.exists()
+    assert (victim.stat().st_mtime_ns, victim.read_bytes()) == before
+    assert_clean(P, D)

@@ -31,22 +31,22 @@ def _pattern(shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(DTYPE)
 
 
-def _receiver(name: str, conn) -> None:
+def _receiver(name: str, conn, device: str = "cpu", shape: tuple[int, ...] = RECV_SHAPE) -> None:
     """Own a pool, publish its description, answer 'dump' with its bytes, until 'exit'."""
     t = make_transport(name)
-    kv = t.allocate(RECV_SHAPE, DTYPE, torch.device("cpu"))
-    kv.copy_(_pattern(RECV_SHAPE, seed=1))
+    kv = t.allocate(shape, DTYPE, torch.device(device))
+    kv.copy_(_pattern(shape, seed=1))
     conn.send(json.dumps(t.describe()))
     while (cmd := conn.recv()) != "exit":
         if cmd == "dump":
-            conn.send(kv.clone())
+            conn.send(kv.cpu().clone())
     t.close()
 
 
 class Receiver:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, device: str = "cpu", shape: tuple[int, ...] = RECV_SHAPE) -> None:
         self.conn, child = _ctx.Pipe()
-        self.proc = _ctx.Process(target=_receiver, args=(name, child), daemon=True)
+        self.proc = _ctx.Process(target=_receiver, args=(name, child, device, shape), daemon=True)
         self.proc.start()
         self._desc: dict | None = None
 

@@ -208,13 +208,13 @@ class Engine:
         fence = {"id": res.fence, **({"url": fence_url} if fence_url else {})}
         return encode_kv_addr(self.transport.name, desc, self.layout, res.slots(self.pool.page_size), fence), res.matched
 
-    def claim_fence(self, fence: str, done: bool = False) -> float | None:
-        """A sender claims or renews our reservation's fence (returns the wall-clock deadline for its
-        writes), or says it is done writing (`done`: no quarantine needed)."""
+    def claim_fence(self, fence: str, renew: bool = False, done: bool = False) -> float | None:
+        """A sender claims (or `renew`s) our reservation's fence: the wall-clock deadline for its
+        writes; or says it is `done` writing (no quarantine needed on its account)."""
         if done:
             self.cache.settle(fence)
             return None
-        return self.cache.claim(fence)
+        return self.cache.claim(fence, renew)
 
     def check_send(self, prompt_ids: list[int], begin: int, end: int, kv_addr_info: str) -> tuple[dict, list[int]]:
         """Validate a remote_send without touching anything; returns kv_addr_info decoded, and its slots."""
@@ -225,7 +225,7 @@ class Engine:
         if not 0 <= begin < end < L:
             raise RequestError(f"remote_send needs 0 <= begin < end < prompt length ({L}), got begin={begin}, end={end}",
                                param="begin")
-        doc, dst = decode_kv_addr(kv_addr_info)
+        doc, dst = decode_kv_addr(kv_addr_info, max_slots=L)  # a window is shorter: the length check below says so
         if doc["transport"] != self.transport.name:
             raise TransferError(f"kv_addr_info is for transport {doc['transport']!r}, this engine uses "
                                 f"{self.transport.name!r}", 400)
@@ -244,6 +244,9 @@ class Engine:
         L = len(prompt_ids)
         begin, end = _window_index(begin, L, "begin"), _window_index(end, L, "end")
         remote = self.transport.connect(doc["peer"])
+        if max(dst) >= remote.geom.slots:  # here, not at the first write: a flush error ends every send of its step
+            raise TransferError(f"kv_addr_info names slots up to {max(dst)}, but the receiver's pool has "
+                                f"{remote.geom.slots}", 400)
         send_rid = f"send-{rid}"
         req = self._new_request(send_rid, prompt_ids[:end], SamplingParams(max_tokens=1, temperature=0.0),
                                 send_only=True, send=SendWindow(begin, end, dst, remote, fence))

@@ -15,7 +15,8 @@ send is queued or running; each claim or renewal extends the lease and tells the
 deadline after which it starts no write. A fence that was never claimed ends with its reservation:
 a later claim gets 409 and nothing is written. The pages of a claimed reservation that is aborted
 or expires are quarantined (still owned, never read) until the last granted deadline plus the
-longest a started write may take (`hold_s`), then freed.
+longest a started write may take (`hold_s`), or until every sender that claimed it has said it is
+done (`settle`), then freed.
 
 A sequence's block table `SeqKV.pages` mixes tree pages (a locked, shared prefix) and private pages:
 
@@ -81,6 +82,7 @@ class Reservation:
     payload: Any = None  # the original request, used by start_generate
     fence: str = field(default_factory=lambda: uuid.uuid4().hex)
     granted: float | None = None  # wall-clock deadline last given to a sender (None: never claimed)
+    claims: int = 0  # senders that claimed the fence and have not said they are done
 
     def slots(self, page_size: int) -> list[int]:
         return slots_for(self.seq.pages, self.matched, self.end, page_size)
@@ -97,7 +99,7 @@ class KVCache:
         self.hold_s = hold_s  # a started write lands within this (the sender's transfer timeout + clock slack)
         self.reservations: dict[str, Reservation] = {}
         self.fences: dict[str, Reservation] = {}  # fence id -> live (parked) reservation
-        self.quarantine: list[tuple[float, SeqKV, str]] = []  # (monotonic release time, pages a write may hit, fence)
+        self.quarantine: list[tuple[float, Reservation]] = []  # (monotonic release time, ended reservation)
         self.ended: dict[str, str] = {}  # rid -> "expired" | "started" | "committed" | "aborted" (bounded)
         self._live: set[SeqKV] = set()
 
@@ -175,26 +177,29 @@ class KVCache:
         self.fences[res.fence] = res
         return res
 
-    def claim(self, fence: str) -> float:
-        """A sender is about to write (or still is): extend the lease, return the wall-clock deadline
-        until which it may start writes. 409 if the reservation has ended (never write then)."""
+    def claim(self, fence: str, renew: bool = False) -> float:
+        """A sender is about to write (or, `renew`, still is): extend the lease, return the wall-clock
+        deadline until which it may start writes. 409 if the reservation has ended (never write then)."""
         res = self.fences.get(fence)
         if res is None:
             raise KVCacheError("the reservation this kv_addr_info names has ended (started, committed, aborted "
                                "or expired): its slots may belong to someone else now", 409, "stale_reservation")
+        res.claims += not renew
         res.deadline = time.monotonic() + self.recv_lease_s
         res.granted = time.time() + self.recv_lease_s
         return res.granted
 
     def settle(self, fence: str) -> None:
-        """The sender of a claimed fence says none of its writes can land any more (it stopped before
-        writing, or every write it started has landed): the pages need no quarantine."""
-        res = self.fences.get(fence)
-        if res is not None:
-            res.granted = None
-        for q in [q for q in self.quarantine if q[2] == fence]:
-            self.quarantine.remove(q)
-            self.release(q[1])
+        """A sender that claimed the fence says none of its writes can land any more (it stopped
+        before writing, or all it started has landed). Once no claim is open, the pages need no
+        quarantine."""
+        res = self.fences.get(fence) or next((r for _, r in self.quarantine if r.fence == fence), None)
+        if res is None or res.claims == 0:
+            return
+        res.claims -= 1
+        if res.claims == 0 and res.rid not in self.reservations:  # ended meanwhile: free it now
+            self.quarantine = [q for q in self.quarantine if q[1] is not res]
+            self.release(res.seq)
 
     def take(self, rid: str) -> Reservation:
         """Remove and return a parked reservation; 404 unknown, 409 expired or already ended."""
@@ -230,13 +235,13 @@ class KVCache:
     def _retire(self, res: Reservation) -> None:
         """Free an aborted or expired reservation's pages, or quarantine them while a sender that
         claimed the fence may still write (see Fencing above)."""
-        if res.granted is None:
+        if res.claims == 0:
             self.release(res.seq)
             return
         self.tree.unlock(res.seq.node)  # the shared prefix is never written by a sender
         res.seq.node = None
         hold = max(res.granted - time.time(), 0.0) + self.hold_s
-        self.quarantine.append((time.monotonic() + hold, res.seq, res.fence))
+        self.quarantine.append((time.monotonic() + hold, res))
 
     def started(self, rid: str) -> None:
         self._end(rid, "already started generating")
@@ -251,8 +256,8 @@ class KVCache:
             self._retire(res)
             self._end(rid, "expired (its lease ran out)")
         if self.quarantine and min(q[0] for q in self.quarantine) <= now:
-            for _, seq, _ in [q for q in self.quarantine if q[0] <= now]:
-                self.release(seq)
+            for _, res in [q for q in self.quarantine if q[0] <= now]:
+                self.release(res.seq)
             self.quarantine = [q for q in self.quarantine if q[0] > now]
         return gone
 
@@ -261,7 +266,7 @@ class KVCache:
         owned = sum(len(s.private) for s in self._live)
         return {"total": self.pool.num_usable, "free": self.pool.num_free, "cached": self.tree.num_nodes,
                 "evictable": self.tree.num_evictable, "owned": owned, "live_seqs": len(self._live),
-                "parked": len(self.reservations), "quarantined": sum(len(q[1].private) for q in self.quarantine)}
+                "parked": len(self.reservations), "quarantined": sum(len(r.seq.private) for _, r in self.quarantine)}
 
     def check(self) -> dict[str, int]:
         a = self.accounting()

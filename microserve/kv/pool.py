@@ -75,8 +75,9 @@ def compress_runs(slots: list[int]) -> list[int]:
     return [len(runs) // 2] + runs
 
 
-def expand_runs(runs: list[int]) -> list[int]:
-    """Inverse of compress_runs; raises ValueError on a malformed list."""
+def expand_runs(runs: list[int], limit: int | None = None) -> list[int]:
+    """Inverse of compress_runs; raises ValueError on a malformed list, or one of more than `limit`
+    slots (checked before expanding: a run length from the wire must not size an allocation)."""
     if not runs or runs[0] < 0 or len(runs) != 1 + 2 * runs[0]:
         raise ValueError("slot runs must be [n, begin1, len1, ...] with n pairs")
     out: list[int] = []
@@ -84,5 +85,7 @@ def expand_runs(runs: list[int]) -> list[int]:
         begin, length = runs[1 + 2 * i], runs[2 + 2 * i]
         if begin < 0 or length <= 0:
             raise ValueError("slot runs must have begin >= 0 and len > 0")
+        if limit is not None and len(out) + length > limit:
+            raise ValueError(f"slot runs name more than {limit} slots")
         out.extend(range(begin, begin + length))
     return out

@@ -61,18 +61,18 @@ class FenceKeeper:
         while True:
             await asyncio.sleep(max((fence.deadline - time.time()) / 2, 0.05))
             try:
-                fence.deadline = await self._post(fence)
+                fence.deadline = await self._post(fence, renew=True)
             except ServeError as e:
                 if e.status in (401, 403, 409):  # ended or refused: no more writes
                     fence.revoked = True
                     return
                 log.info("renewing fence %s at %s failed (%s); writes stop at its deadline", fence.id, fence.url, e)
 
-    async def _post(self, fence: Fence, done: bool = False) -> float:
+    async def _post(self, fence: Fence, renew: bool = False, done: bool = False) -> float:
         if self._session is None:
             self._session = aiohttp.ClientSession(headers=auth_headers(self.token))
         try:
-            async with self._session.post(fence.url + "/microserving/fence", json={"fence": fence.id, "done": done},
+            async with self._session.post(fence.url + "/microserving/fence", json={"fence": fence.id, "renew": renew, "done": done},
                                           timeout=aiohttp.ClientTimeout(total=10)) as r:
                 reply = await r.json(content_type=None)
                 if r.status != 200:

@@ -30,7 +30,8 @@ class RequestId(BaseModel):
 
 class FenceRequest(BaseModel):
     fence: str
-    done: bool = False  # the sender wrote all it will: no quarantine needed
+    renew: bool = False  # a sender that claimed it already, still queued or writing
+    done: bool = False  # a sender that claimed it writes no more
 
 
 class MicroservingAPI:
@@ -73,7 +74,7 @@ class MicroservingAPI:
 
     async def fence(self, request: web.Request) -> web.Response:
         body = await parse_body(request, FenceRequest)
-        return web.json_response({"deadline": await self._engine(self.s.engine.claim_fence, body.fence, body.done)})
+        return web.json_response({"deadline": await self._engine(self.s.engine.claim_fence, body.fence, body.renew, body.done)})
 
     async def start_generate(self, request: web.Request) -> web.StreamResponse:
         body, ids = await self._body(request, "begin")

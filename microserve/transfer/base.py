@@ -22,19 +22,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from microserve.errors import ServeError
 from microserve.kv.pool import compress_runs, expand_runs
-
-
-class TransferError(ServeError):
-    """A KV transfer could not be set up (400: bad or foreign kv_addr_info) or did not complete
-    (502: peer failed or died, 504: timed out)."""
-
-    def __init__(self, message: str, status: int = 502) -> None:
-        super().__init__(message, status, "invalid_kv_addr_info" if status == 400 else "transfer_error")
+from microserve.transfer.plan import (CopyPlan, Peer, Planner, RunCache, TransferError, dead_peer,  # noqa: F401
+                                      parse_peer, process_start_time, slot_runs, slot_runs_array)
 
 
 @dataclass
@@ -51,11 +43,12 @@ def encode_kv_addr(transport: str, peer: dict, layout: list, slots: list[int], f
     return base64.b64encode(json.dumps(doc, separators=(",", ":")).encode()).decode()
 
 
-def decode_kv_addr(s: str) -> tuple[dict, list[int]]:
-    """Parse kv_addr_info; raises TransferError(400) on anything malformed."""
+def decode_kv_addr(s: str, max_slots: int | None = None) -> tuple[dict, list[int]]:
+    """Parse kv_addr_info; raises TransferError(400) on anything malformed, or naming more than
+    `max_slots` slots."""
     try:
         doc = json.loads(base64.b64decode(s, validate=True))
-        slots = expand_runs(doc["runs"])
+        slots = expand_runs(doc["runs"], max_slots)
         if not isinstance(doc["transport"], str) or not isinstance(doc["peer"], dict):
             raise ValueError("bad transport or peer")
         return doc, slots
@@ -63,104 +56,118 @@ def decode_kv_addr(s: str) -> tuple[dict, list[int]]:
         raise TransferError(f"kv_addr_info is not valid kv_append_metadata: {e}", 400) from None
 
 
-def slot_runs(src: list[int], dst: list[int]) -> list[tuple[int, int, int]]:
-    """Pairs of slots -> (src_begin, dst_begin, length) runs contiguous on both sides."""
-    if len(src) > 64:  # a prefill window: numpy is ~5x faster than the loop below
-        return [tuple(r) for r in slot_runs_array(src, dst).tolist()]
-    runs: list[list[int]] = []
-    for s, d in zip(src, dst):
-        if runs and runs[-1][0] + runs[-1][2] == s and runs[-1][1] + runs[-1][2] == d:
-            runs[-1][2] += 1
-        else:
-            runs.append([s, d, 1])
-    return [tuple(r) for r in runs]
-
-
-def slot_runs_array(src: list[int], dst: list[int]) -> np.ndarray:
-    """slot_runs as an int64 array [runs, 3] of (src_begin, dst_begin, length), vectorized."""
-    n = min(len(src), len(dst))
-    s, d = np.asarray(src[:n], dtype=np.int64), np.asarray(dst[:n], dtype=np.int64)
-    if n == 0:
-        return np.empty((0, 3), dtype=np.int64)
-    starts = np.concatenate(([0], np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1))
-    runs = np.empty((len(starts), 3), dtype=np.int64)
-    runs[:, 0], runs[:, 1], runs[:, 2] = s[starts], d[starts], np.diff(starts, append=n)
-    return runs
-
-
-class RunCache:
-    """slot_runs_array of the last (src, dst) pair asked for. A step's per-layer writes repeat the
-    same slot lists, so every layer after the first costs a tuple comparison (~10 us for 8k slots)
-    instead of a numpy conversion (~300 us). The returned array is shared: do not modify it."""
-
-    def __init__(self) -> None:
-        self._key: tuple[tuple[int, ...], tuple[int, ...]] | None = None
-        self._runs = np.empty((0, 3), dtype=np.int64)
-
-    def __call__(self, src: list[int], dst: list[int]) -> np.ndarray:
-        key = (tuple(src), tuple(dst))
-        if key != self._key:
-            self._key, self._runs = key, slot_runs_array(src, dst)
-        return self._runs
-
-
-def process_start_time(pid: int) -> str | None:
-    """A process's start time (clock ticks since boot): tells a live peer from a reused pid."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
-class ProcessPeer:
-    """A receiver's pool mapped into this process, from a peer on this host (shm, cuda_ipc)."""
-
-    def __init__(self, desc: dict, kv: torch.Tensor) -> None:
-        self.desc, self.kv = desc, kv
-        self.pid, self.start = desc["pid"], desc["start"]
-
-    def alive(self) -> bool:
-        return process_start_time(self.pid) == self.start
-
-
-def check_alive(peers) -> None:
-    """Memory written into a peer's pool is only worth something if its owner still runs."""
-    for peer in peers:
-        if not peer.alive():
-            raise TransferError(f"the receiving engine (pid {peer.pid}) died during the transfer", 502)
-
-
 class KVTransport:
     """Contract:
     - `allocate(shape, dtype, device)` returns the engine's KV pool memory, reachable by peers.
     - `describe()` is a JSON-able dict that lets a peer's `connect` reach that memory.
+    - `connect(peer)` checks a description (from the wire: nothing in it is trusted) and returns a
+      handle for write(); TransferError 400 for a bad or foreign description, 502 for a dead or
+      unreachable receiver.
     - `write(layer, src, dst, remote)` starts copying rows `src` of our layer `layer` (K and V) to
-      rows `dst` of the same layer in `remote`. It may return before the bytes land.
+      rows `dst` of the same layer in `remote`. It may return before the bytes land, and never
+      raises for a peer's fault (slots outside its pool, a length mismatch): the next flush does.
     - `flush(timeout)` returns once every write so far has landed (raises TransferError if one
-      failed, the peer died, or the timeout passed) and reports the bytes and times involved.
-    """
+      failed or was refused, the peer died, or the timeout passed) and reports the bytes and times.
+
+    The checks and the address arithmetic are the planner's (plan.py), here for every transport;
+    a transport (a mover) supplies `_open` (reach a checked peer), `_post` (start one planned
+    write) and `_wait` (until everything posted has landed)."""
 
     name = "base"
+    local_only = False  # reaches engines on this host only (shm, cuda_ipc): host, pid and start required
 
     def __init__(self) -> None:
         self.local: torch.Tensor | None = None
+        self.planner: Planner | None = None
+        self._peers: dict[Any, Peer] = {}  # connected receivers, by what identifies their mapping
+        self._fault: TransferError | None = None  # a refused write, reported by the next flush
+        self._touched: dict[int, Peer] = {}  # receivers written since the last flush
 
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         self.local = torch.zeros(shape, dtype=dtype, device=device)
+        self.planner = Planner(self.local)
         return self.local
 
     def describe(self) -> dict:
         raise TransferError(f"transport {self.name!r} cannot receive KV", 400)
 
-    def connect(self, peer: dict) -> Any:
-        raise TransferError(f"transport {self.name!r} cannot send KV", 400)
+    # ---- sender side: the same steps for every transport ----------------------------------------------
+    def connect(self, peer: dict) -> Peer:
+        if type(self)._open is KVTransport._open:
+            raise TransferError(f"transport {self.name!r} cannot send KV", 400)
+        ident, geom = parse_peer(peer, self.local_only)
+        if self.planner is None:
+            raise TransferError(f"the {self.name} transport has no KV pool yet", 500)
+        self.planner.geom.check_matches(geom)
+        key = self._peer_key(peer, ident, geom)
+        cached = self._peers.get(key)
+        if cached is not None and cached.alive() and self._reusable(cached):
+            return cached
+        for k, old in list(self._peers.items()):  # let go of receivers that are gone (and their mappings)
+            if old is cached or not old.alive():
+                self._drop(self._peers.pop(k))
+        ident.require_alive()
+        try:
+            p = self._open(peer, ident, geom)
+        except TransferError:
+            ident.require_alive()  # it died meanwhile: that is what to report
+            raise
+        if not p.alive():  # died while we reached it: its pid may already name another process
+            self._drop(p)
+            ident.require_alive()
+        self._peers[key] = p
+        return p
 
-    def write(self, layer: int, src: list[int], dst: list[int], remote: Any) -> None:
-        raise NotImplementedError
+    def write(self, layer: int, src: list[int], dst: list[int], remote: Peer) -> None:
+        if not src and not dst:
+            return
+        self._touched[id(remote)] = remote
+        try:
+            plan = self.planner.plan(layer, src, dst, remote)
+        except TransferError as e:  # nothing is posted; flush reports it, once
+            self._fault = self._fault or e
+            return
+        self._post(plan, remote)
 
     def flush(self, timeout: float) -> TransferStats:
+        touched, self._touched = self._touched, {}
+        fault, self._fault = self._fault, None
+        stats, waited = TransferStats(), None
+        try:
+            stats = self._wait(timeout, touched.values())  # every posted write, even after a refused one
+        except TransferError as e:
+            waited = e
+        err = fault or waited or dead_peer(touched.values())  # a refused write is the root cause
+        if err is not None:
+            self._failed(touched.values(), waited or err)
+            raise err
+        return stats
+
+    # ---- what a mover supplies -------------------------------------------------------------------------
+    def _peer_key(self, peer: dict, ident, geom) -> Any:
+        """What identifies a receiver's mapping (a cached one is reused while it is alive)."""
+        return (ident, geom)
+
+    def _reusable(self, p: Peer) -> bool:
+        return True
+
+    def _open(self, peer: dict, ident, geom) -> Peer:
+        """Reach the receiver's pool, described by `peer` (identity and geometry already checked, the
+        receiver alive). 400 when the live receiver does not hold what `peer` says; 502 unreachable."""
+        raise NotImplementedError
+
+    def _drop(self, p: Peer) -> None:
+        """Forget a receiver (it died, or is being reconnected)."""
+
+    def _post(self, plan: CopyPlan, remote: Peer) -> None:
+        raise NotImplementedError
+
+    def _wait(self, timeout: float, touched) -> TransferStats:
+        """Until every posted write has landed: 504 on timeout, 502 when a copy failed."""
         return TransferStats()
+
+    def _failed(self, touched, err: TransferError) -> None:
+        """A flush is about to raise `err` for writes to `touched`."""
 
     def close(self) -> None:
         pass

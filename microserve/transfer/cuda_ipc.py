@@ -24,10 +24,16 @@ Rows are addressed by slot (`slot = page * page_size + offset`); a layer of the 
 
 Pools on different GPUs of one host work too: rows are gathered on the sender's GPU, copied
 peer-to-peer, and scattered on the receiver's GPU, each on a side stream of its device.
+
+Checks are the planner's (plan.py): a description maps only a contiguous pool of the described
+geometry, held by a live process on this host, and every write's slots are checked against both
+pools before any copy is queued, so a garbled kv_addr_info fails that transfer (400), never the
+device (an out-of-range index_copy_ is a device assert that takes every request down with it).
 """
 from __future__ import annotations
 
 import base64
+import binascii
 import os
 import socket
 import time
@@ -36,8 +42,8 @@ from typing import Any
 
 import torch
 
-from microserve.transfer.base import (KVTransport, ProcessPeer, TransferError, TransferStats, check_alive,
-                                      process_start_time, slot_runs)
+from microserve.transfer.base import KVTransport, TransferStats
+from microserve.transfer.plan import CopyPlan, Geometry, Identity, MappedPeer, TransferError, bad, process_start_time
 
 # Few runs: copy each as a plain memcpy per kind (no index tensors). Many runs (short, scattered):
 # one gather and one scatter kernel, with index tensors uploaded once and reused by every layer.
@@ -50,6 +56,14 @@ def _b64(b: bytes | None) -> str | None:
 
 def _unb64(s: str | None) -> bytes | None:
     return None if s is None else base64.b64decode(s, validate=True)
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> list[int]:
+    out, step = [], 1
+    for n in reversed(shape):
+        out.append(step)
+        step *= n
+    return out[::-1]
 
 
 def _device_by_uuid(uuid: str) -> int | None:
@@ -72,16 +86,14 @@ class CudaIpcTransport(KVTransport):
     """KV pools in GPU memory shared by CUDA IPC; see the module docstring. Contract: `KVTransport`."""
 
     name = "cuda_ipc"
+    local_only = True
 
     def __init__(self) -> None:
         super().__init__()
         self._desc: dict | None = None
-        self._dtype = ""
-        self._peers: dict[tuple, ProcessPeer] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
         self._pending: list[_Pending] = []
         self._index: dict[tuple[int, int, int], tuple[Any, Any, torch.Tensor, torch.Tensor]] = {}
-        self._touched: set[ProcessPeer] = set()
 
     # ---- receiver side ---------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -89,9 +101,7 @@ class CudaIpcTransport(KVTransport):
         device = torch.device(device)
         if device.type != "cuda":
             raise ValueError("the cuda_ipc transport holds KV in GPU memory; use shm (or nixl) for a CPU engine")
-        self.local = torch.zeros(shape, dtype=dtype, device=device)
-        self._dtype = str(dtype).removeprefix("torch.")
-        return self.local
+        return super().allocate(shape, dtype, device)
 
     def describe(self) -> dict:
         """How a peer on this host maps our pool: the IPC handle and the tensor's geometry.
@@ -109,56 +119,50 @@ class CudaIpcTransport(KVTransport):
             self._desc = {
                 "host": socket.gethostname(), "pid": pid, "start": process_start_time(pid),
                 "gpu_uuid": str(torch.cuda.get_device_properties(device).uuid),
-                "shape": list(size), "stride": list(stride), "offset": offset, "dtype": self._dtype,
+                "shape": list(size), "stride": list(stride), "offset": offset, "dtype": self.planner.geom.dtype,
                 "handle": _b64(handle), "size_bytes": size_bytes, "offset_bytes": offset_bytes,
                 "ref_counter_handle": _b64(rc_handle), "ref_counter_offset": rc_offset,
                 "event_handle": _b64(ev_handle), "event_sync_required": bool(ev_sync),
             }
         return self._desc
 
-    # ---- sender side -----------------------------------------------------------------------------
-    def connect(self, peer: dict) -> ProcessPeer:
-        """Map the receiver's pool (once per receiver). TransferError 400 for a description we cannot
-        use (malformed, another host, another layout), 502 if the receiver is gone or mapping fails."""
+    # ---- sender side: KVTransport.connect / write / flush, with these ---------------------------------
+    def _peer_key(self, peer: dict, ident: Identity, geom: Geometry):
+        return ident, geom, str(peer.get("handle")), str(peer.get("offset_bytes"))
+
+    def _open(self, peer: dict, ident: Identity, geom: Geometry) -> MappedPeer:
+        """Map the receiver's pool by its IPC handle: only a contiguous pool of the described geometry
+        (400 for anything else, or a handle CUDA cannot open while its owner runs)."""
         try:
-            key = (peer["host"], peer["pid"], peer["start"], peer["handle"], peer["offset_bytes"])
-            shape, dtype, uuid = list(peer["shape"]), peer["dtype"], peer["gpu_uuid"]
-            handle = _unb64(peer["handle"])
+            uuid, handle = str(peer["gpu_uuid"]), _unb64(peer["handle"])
             rc_handle, ev_handle = _unb64(peer["ref_counter_handle"]), _unb64(peer.get("event_handle"))
-            geometry = (list(peer["stride"]), int(peer["offset"]), int(peer["size_bytes"]), int(peer["offset_bytes"]),
-                        int(peer["ref_counter_offset"]), bool(peer["event_sync_required"]))
-        except (KeyError, TypeError, ValueError):
-            raise TransferError("kv_addr_info has no usable cuda_ipc peer description", 400) from None
-        if key in self._peers and self._peers[key].alive():
-            return self._peers[key]
-        if peer["host"] != socket.gethostname():
-            raise TransferError(f"cuda_ipc reaches engines on this host only; the receiver is on {peer['host']!r}"
-                                " (use --kv-transport nixl across hosts)", 400)
-        if self.local is None:
-            raise TransferError("cuda_ipc transport has no KV pool yet", 500)
-        ours = list(self.local.shape)
-        if dtype != self._dtype or len(shape) != 6 or shape[:2] + shape[3:] != ours[:2] + ours[3:]:
-            raise TransferError(f"receiver's KV layout {shape} {dtype} does not match ours {ours} {self._dtype}", 400)
-        p = ProcessPeer(peer, None)  # type: ignore[arg-type]
-        if not p.alive():
-            raise TransferError("the receiving engine is not running", 502)
-        if peer["pid"] == os.getpid():  # ourselves: CUDA cannot open a process's own IPC handle
-            p.kv = self.local
-        else:
-            index = _device_by_uuid(uuid)
-            if index is None:
-                raise TransferError(f"the receiver's GPU {uuid} is not visible to this engine", 400)
-            stride, offset, size_bytes, offset_bytes, rc_offset, ev_sync = geometry
-            try:
-                from torch.multiprocessing.reductions import rebuild_cuda_tensor
-                p.kv = rebuild_cuda_tensor(
-                    torch.Tensor, torch.Size(shape), tuple(stride), offset, torch.storage.TypedStorage,
-                    self.local.dtype, index, handle, size_bytes, offset_bytes, False, rc_handle, rc_offset,
-                    ev_handle, ev_sync)
-            except (RuntimeError, TypeError, ValueError) as e:
-                raise TransferError(f"cannot map the receiver's KV pool by CUDA IPC: {e}", 502) from None
-        self._peers[key] = p
-        return p
+            stride, offset, size_bytes, offset_bytes, rc_offset = (
+                [int(x) for x in peer["stride"]], int(peer["offset"]), int(peer["size_bytes"]),
+                int(peer["offset_bytes"]), int(peer["ref_counter_offset"]))
+            ev_sync = bool(peer["event_sync_required"])
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise bad("kv_addr_info has no usable cuda_ipc peer description") from None
+        if (stride != _contiguous_strides(geom.shape) or offset != 0 or size_bytes != geom.nbytes
+                or not 0 <= offset_bytes < 2**48 or not handle):
+            raise bad("kv_addr_info's cuda_ipc pool is not one contiguous KV pool of its described shape")
+        if ident.pid == os.getpid():  # ourselves: CUDA cannot open a process's own IPC handle
+            if geom != self.planner.geom:
+                raise bad("kv_addr_info names this engine but not its KV pool")
+            return MappedPeer(ident, geom, self.local)
+        index = _device_by_uuid(uuid)
+        if index is None:
+            raise bad(f"the receiver's GPU {uuid} is not visible to this engine")
+        try:
+            from torch.multiprocessing.reductions import rebuild_cuda_tensor
+            kv = rebuild_cuda_tensor(
+                torch.Tensor, torch.Size(geom.shape), tuple(stride), offset, torch.storage.TypedStorage,
+                self.local.dtype, index, handle, size_bytes, offset_bytes, False, rc_handle, rc_offset,
+                ev_handle, ev_sync)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise bad(f"cannot map the receiver's KV pool by CUDA IPC: {e}") from None
+        if tuple(kv.shape) != geom.shape or not kv.is_contiguous():
+            raise bad("the receiver's KV pool mapped with another shape than described")
+        return MappedPeer(ident, geom, kv)  # rows by slot: no base
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         idx = device.index if device.index is not None else torch.cuda.current_device()
@@ -179,21 +183,16 @@ class CudaIpcTransport(KVTransport):
             hit = self._index[key] = (src, dst, s, d)
         return hit[2], hit[3]
 
-    def write(self, layer: int, src: list[int], dst: list[int], remote: ProcessPeer) -> None:
-        """Start copying K/V rows `src` of our layer `layer` to rows `dst` of the same layer of
-        `remote`, after everything already queued on the compute stream (the layer's store)."""
-        if not src:
-            return
-        if len(src) != len(dst):
-            raise TransferError(f"{len(src)} source rows but {len(dst)} destination rows", 400)
-        local = self.local[layer].flatten(1, 2)  # [2, slots, H, D]
-        target = remote.kv[layer].flatten(1, 2)
+    def _post(self, plan: CopyPlan, remote: MappedPeer) -> None:
+        """Start copying the plan's K/V rows into `remote`'s pool after everything already queued on
+        the compute stream (the layer's store). The planner checked every slot against both pools."""
+        local = self.local[plan.layer].flatten(1, 2)  # [2, slots, H, D]
+        target = remote.kv[plan.layer].flatten(1, 2)
         a, b = local.device, target.device
         side_a, side_b = self._stream(a), self._stream(b)
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(a))  # the K/V just stored by the compute stream
-        nbytes = len(src) * local[:, 0].numel() * local.element_size()
-        runs = slot_runs(src, dst)
+        runs, (src, dst) = plan.runs, plan.slots
         keep: list = []
         # Nesting sets the current stream of both devices (and leaves a as the current device), so
         # every op below, including torch's cross-device copy, is queued on a side stream.
@@ -203,7 +202,7 @@ class CudaIpcTransport(KVTransport):
             start.record(side_a)
             if a == b:
                 if len(runs) <= MAX_SLICE_RUNS:
-                    for s, d, n in runs:
+                    for s, d, n in (runs if isinstance(runs, list) else runs.tolist()):
                         for kind in (0, 1):  # K and V rows are each contiguous: plain memcpys
                             target[kind, d:d + n].copy_(local[kind, s:s + n], non_blocking=True)
                 else:
@@ -220,11 +219,10 @@ class CudaIpcTransport(KVTransport):
                 done = torch.cuda.Event()
                 done.record(side_b)
                 keep += [rows, rows_b]
-        self._pending.append(_Pending(done, (start, end), nbytes, keep))
-        self._touched.add(remote)
+        self._pending.append(_Pending(done, (start, end), plan.nbytes, keep))
 
-    def flush(self, timeout: float) -> TransferStats:
-        """Wait until every write so far has landed; raise TransferError on timeout or a dead peer."""
+    def _wait(self, timeout: float, touched) -> TransferStats:
+        """Wait until every write so far has landed: 504 on timeout, 502 on a CUDA error."""
         t0 = time.perf_counter()
         deadline = t0 + timeout
         pending, self._pending = self._pending, []
@@ -240,8 +238,6 @@ class CudaIpcTransport(KVTransport):
         stats = TransferStats(bytes=sum(p.nbytes for p in pending), exposed_s=exposed,
                               transfer_s=sum(p.timed[0].elapsed_time(p.timed[1]) for p in pending) / 1e3)
         self._index.clear()  # the uploads have landed with the copies that used them
-        touched, self._touched = self._touched, set()
-        check_alive(touched)
         return stats
 
     def close(self) -> None:

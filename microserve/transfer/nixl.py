@@ -18,52 +18,44 @@ are coming) until 1 s after the last WRITE landed, and every 2 ms otherwise (abo
 Calls from other threads take `_agent_lock`.
 
 We never unpickle a peer's descriptor lists (NIXL's `deserialize_descs` is pickle: code execution
-for whoever writes kv_addr_info); remote descriptors are computed from the described base address,
-and NIXL itself rejects any that fall outside the memory the peer registered.
+for whoever writes kv_addr_info); remote descriptors are computed by the planner (plan.py) from the
+described base address, inside the described pool, and connect() has NIXL confirm that the whole
+described pool is memory the receiver registered (NIXL checks every WRITE against it again). An
+agent name says whose it is (`microserve-<host>-<pid>-<id>`); a description whose host or pid
+disagrees with its agent is refused.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import os
+import re
 import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from microserve.transfer.base import (KVTransport, RunCache, TransferError, TransferStats, process_start_time,
-                                      slot_runs)
+from microserve.transfer.base import KVTransport, TransferStats
+from microserve.transfer.plan import (CopyPlan, Geometry, Identity, Peer, TransferError, bad, dead_peer,
+                                      process_start_time)
 
 NOTIF = b"microserve-kv"
 # NIXL errors that mean "this description is not usable" rather than "the peer is unreachable".
 _BAD_DESCRIPTION = {"nixlMismatchError", "nixlInvalidParamError", "nixlNotFoundError"}
 
 
-@dataclass
-class NixlPeer:
-    """A connected receiver: where its pool is and how its rows are laid out."""
-    agent: str
-    digest: str  # of its metadata: a re-published description must be reloaded
-    base: int
-    num_slots: int  # num_pages * page_size
-    mem: str  # "DRAM" or "VRAM"
-    devid: int
-    host: str | None = None
-    pid: int | None = None
-    start: str | None = None
-    stale: bool = False  # a transfer to it failed: reload its metadata (a fresh endpoint) on connect
+class NixlPeer(Peer):
+    """A connected receiver: its agent, and where its pool is (`base`, an address in its process)."""
 
-    def alive(self) -> bool:
-        """False only when we can prove it died (same host, pid gone or reused)."""
-        if self.pid is None or self.host != socket.gethostname():
-            return True
-        return process_start_time(self.pid) == self.start
+    def __init__(self, ident: Identity, geom: Geometry, base: int, agent: str, mem: str, devid: int) -> None:
+        super().__init__(ident, geom, base)
+        self.agent, self.mem, self.devid = agent, mem, devid
+        self.stale = False  # a transfer to it failed: reload its metadata (a fresh endpoint) on connect
 
 
 @dataclass
@@ -86,7 +78,6 @@ class _Progress:
     first_post: float | None = None
     last_done: float = 0.0
     bytes: int = 0
-    touched: dict[str, NixlPeer] = field(default_factory=dict)  # receivers written since the last flush
 
 
 class NixlTransport(KVTransport):
@@ -107,7 +98,6 @@ class NixlTransport(KVTransport):
         self._reg: Any = None
         self._agent_lock = threading.Lock()  # every NIXL call: the agent runs with sync mode NONE
         self._cv = threading.Condition()  # guards everything below
-        self._peers: dict[str, NixlPeer] = {}
         self._jobs: list[_Job] = []
         self._inflight: list[_Job] = []  # owned by the progress thread
         self._p = _Progress()
@@ -115,18 +105,14 @@ class NixlTransport(KVTransport):
         self._closed = False
         self._thread: threading.Thread | None = None
         self.notifs_received = 0  # WRITEs that landed in our pool (their notifications)
-        self._runs = RunCache()
 
     # ---- receiver side ------------------------------------------------------------------------
     def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         from nixl._api import nixl_agent, nixl_agent_config  # lazy: `import microserve` never needs nixl
 
-        self.local = torch.zeros(shape, dtype=dtype, device=device)
-        self._dtype = str(dtype).removeprefix("torch.")
+        super().allocate(shape, dtype, device)
         self._mem = "VRAM" if self.local.is_cuda else "DRAM"
         self._devid = (self.local.device.index or 0) if self.local.is_cuda else 0
-        self._row = shape[4] * shape[5] * self.local.element_size()  # one token's K (or V) in one layer
-        self._slots = shape[2] * shape[3]
         self._agent_name = f"microserve-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._agent = nixl_agent(self._agent_name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
         if "UCX" not in self._agent.backends:
@@ -147,148 +133,114 @@ class NixlTransport(KVTransport):
             self._cv.notify_all()
         pid = os.getpid()
         return {"agent": self._agent_name, "meta": self._meta, "addr": self.local.data_ptr(),
-                "shape": list(self.local.shape), "dtype": self._dtype, "mem": self._mem, "devid": self._devid,
-                "host": socket.gethostname(), "pid": pid, "start": process_start_time(pid)}
+                "shape": list(self.local.shape), "dtype": self.planner.geom.dtype, "mem": self._mem,
+                "devid": self._devid, "host": socket.gethostname(), "pid": pid, "start": process_start_time(pid)}
 
-    # ---- sender side --------------------------------------------------------------------------
-    def connect(self, peer: dict) -> NixlPeer:
-        """Load the receiver's agent metadata (once per receiver) and return a handle for write().
-        TransferError 400: the description is garbled, foreign or for another KV layout;
-        502: the receiver is gone or unreachable."""
+    # ---- sender side: KVTransport.connect / write / flush, with these -----------------------------------
+    def _peer_key(self, peer: dict, ident: Identity, geom: Geometry):
+        f = tuple(peer.get(k) for k in ("agent", "meta", "addr", "mem", "devid"))
+        if not all(isinstance(v, t) and not isinstance(v, bool) for v, t in zip(f, (str, str, int, str, int))):
+            raise bad("kv_addr_info has no usable nixl peer description")
+        return ident, geom, f
+
+    def _reusable(self, p: NixlPeer) -> bool:
+        return not p.stale
+
+    def _open(self, peer: dict, ident: Identity, geom: Geometry) -> NixlPeer:
+        """Load the receiver's agent metadata (once per receiver); have NIXL confirm the described
+        pool is memory that agent registered. 400: the description is garbled, foreign or names
+        memory the receiver did not register; 502: the receiver is unreachable."""
         if self._agent is None:
             raise TransferError("the nixl transport has no KV pool yet", 500)
+        name, base, mem, devid = peer["agent"], peer["addr"], peer["mem"], peer["devid"]
         try:
-            name, meta = str(peer["agent"]), base64.b64decode(peer["meta"], validate=True)
-            shape, dtype = [int(s) for s in peer["shape"]], str(peer["dtype"])
-            base, mem, devid = int(peer["addr"]), str(peer["mem"]), int(peer["devid"])
-            host, pid = peer.get("host"), peer.get("pid")
-            pid = None if pid is None else int(pid)
-        except (KeyError, TypeError, ValueError, binascii.Error):
-            raise TransferError("kv_addr_info has no usable nixl peer description", 400) from None
-        local = list(self.local.shape)
-        if len(shape) != 6 or dtype != self._dtype or shape[:2] + shape[3:] != local[:2] + local[3:]:
-            raise TransferError(f"receiver's KV layout {shape} {dtype} does not match ours {local} {self._dtype}", 400)
-        if mem not in ("DRAM", "VRAM") or base <= 0 or not name or not meta:
-            raise TransferError("kv_addr_info's nixl peer description is malformed", 400)
-        digest = hashlib.sha1(meta).hexdigest()
-        with self._cv:
-            cached = self._peers.get(name)
-        if cached is not None and cached.digest == digest and not cached.stale and cached.alive():
-            return cached
-        p = NixlPeer(name, digest, base, shape[2] * shape[3], mem, devid, host, pid, peer.get("start"))
-        if not p.alive():
-            raise TransferError(f"the receiving engine (pid {pid}) is not running", 502)
-        with self._agent_lock:
-            if cached is not None:
-                self._forget(cached)
-            if name != self._agent_name:  # our own pool needs no metadata: NIXL writes it in loopback
-                try:
-                    loaded = self._agent.add_remote_agent(meta)
-                    loaded = loaded.decode(errors="replace") if isinstance(loaded, bytes) else str(loaded)
-                except Exception as e:
-                    status = 400 if type(e).__name__ in _BAD_DESCRIPTION else 502
-                    raise TransferError(f"cannot reach the receiver's NIXL agent {name!r}: {e}", status) from None
-                if loaded != name:  # metadata of some other agent: someone pasted the wrong description
-                    with self._cv:
-                        known = loaded in self._peers
-                    if not known:  # (a peer we already use keeps its connection)
-                        self._agent.remove_remote_agent(loaded)
-                    raise TransferError(f"nixl metadata is for agent {loaded!r}, not {name!r}", 400)
-        with self._cv:
-            self._peers[name] = p
+            meta = base64.b64decode(peer["meta"], validate=True)
+        except (binascii.Error, ValueError):
+            raise bad("kv_addr_info's nixl metadata is not base64") from None
+        if mem not in ("DRAM", "VRAM") or not 0 < base < 2**64 - geom.nbytes or not 0 <= devid < 2**16 or not meta:
+            raise bad("kv_addr_info's nixl peer description is malformed")
+        # our agents are named microserve-<host>-<pid>-<8 hex>: the name must agree with host and pid
+        pid = "[0-9]+" if ident.pid is None else str(ident.pid)
+        if ident.host is not None and not re.fullmatch(rf"microserve-{re.escape(ident.host)}-{pid}-[0-9a-f]{{8}}",
+                                                        name):
+            raise bad(f"nixl agent {name!r} is not the engine the description names ({ident.host}, pid {ident.pid})")
+        p = NixlPeer(ident, geom, base, name, mem, devid)
+        if name == self._agent_name:  # our own pool: NIXL writes it in loopback, no metadata to load
+            if (base, geom, mem, devid) != (self.planner.base, self.planner.geom, self._mem, self._devid):
+                raise bad("kv_addr_info names this engine's agent but not its KV pool")
+            return p
+        in_use = {q.agent for q in self._peers.values()}  # (a peer in use keeps its connection)
+        with self._agent_lock:  # loading an agent's metadata again (re-published) replaces it
+            try:
+                loaded = self._agent.add_remote_agent(meta)
+                loaded = loaded.decode(errors="replace") if isinstance(loaded, bytes) else str(loaded)
+            except Exception as e:
+                status = 400 if type(e).__name__ in _BAD_DESCRIPTION else 502
+                raise TransferError(f"cannot reach the receiver's NIXL agent {name!r}: {e}", status) from None
+            if loaded != name:  # metadata of some other agent: someone pasted the wrong description
+                if loaded not in in_use:
+                    self._agent.remove_remote_agent(loaded)
+                raise bad(f"nixl metadata is for agent {loaded!r}, not {name!r}")
+            pool = np.array([[base, geom.nbytes, devid]], dtype=np.uint64)
+            if not self._agent.check_remote_metadata(name, self._agent.get_xfer_descs(pool, mem)):
+                if name not in in_use:
+                    self._forget(p)
+                raise bad(f"the pool kv_addr_info describes is not memory that agent {name!r} registered")
         return p
 
-    def write(self, layer: int, src: list[int], dst: list[int], remote: NixlPeer) -> None:
-        """Queue a WRITE of layer `layer`'s K and V rows `src` into the receiver's rows `dst`.
-        Never blocks on the copy; a problem with it is reported by the next flush()."""
-        if not src:
-            return
-        err, job = None, None
-        if len(src) != len(dst) or not 0 <= layer < self.local.shape[0]:
-            err = TransferError(f"write of layer {layer} got {len(src)} source and {len(dst)} destination slots", 500)
-        else:
-            local, remote_d, ok = self._descs(layer, src, dst, remote)
-            if not ok:
-                err = TransferError(f"write of layer {layer}: slots outside the pools ({self._slots} local, "
-                                    f"{remote.num_slots} remote slots)", 400)
-            else:
-                job = _Job(remote, local, remote_d, 2 * len(src) * self._row, epoch=0)
-                if self.local.is_cuda:  # the layer's K/V store is queued on the stream, maybe not done yet
-                    job.ready = torch.cuda.Event()
-                    job.ready.record()
+    def _drop(self, p: NixlPeer) -> None:
+        with self._agent_lock:
+            self._forget(p)
+        for q in self._peers.values():  # other descriptions of that agent: reload it when next used
+            q.stale |= q.agent == p.agent
+
+    def _post(self, plan: CopyPlan, remote: NixlPeer) -> None:
+        """Queue one WRITE of the plan's K and V runs. Never blocks on the copy."""
+        local, far = plan.descs(self._devid, remote.devid)
+        job = _Job(remote, local, far, plan.nbytes, epoch=0)
+        if self.local.is_cuda:  # the layer's K/V store is queued on the stream, maybe not done yet
+            job.ready = torch.cuda.Event()
+            job.ready.record()
         with self._cv:
             if self._p.first_post is None:
                 self._p.first_post = time.perf_counter()
-            self._p.touched[remote.agent] = remote
-            if job is None:
-                self._p.error = self._p.error or err
-                return
             job.epoch = self._epoch
             self._p.pending += 1
             self._jobs.append(job)
             self._cv.notify_all()
 
-    def _descs(self, layer: int, src: list[int], dst: list[int], remote: NixlPeer) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(addr, nbytes, devid) rows, K runs then V runs, for our side and the receiver's, and
-        whether every run lies inside both pools. Pools are [layers, 2, slots, row] contiguous:
-        K of layer l is plane 2l, V plane 2l+1."""
-        row, ls, rs = self._row, self._slots, remote.num_slots
-        lk = self.local.data_ptr() + 2 * layer * ls * row
-        rk = remote.base + 2 * layer * rs * row
-        if len(src) <= 64:  # decode-sized: plain Python beats numpy's per-call overhead
-            runs = slot_runs(src, dst)
-            ok = all(s >= 0 and d >= 0 and s + n <= ls and d + n <= rs for s, d, n in runs)
-            local = [(lk + s * row, n * row, self._devid) for s, _, n in runs]
-            local += [(a + ls * row, n, dev) for a, n, dev in local]
-            far = [(rk + d * row, n * row, remote.devid) for _, d, n in runs]
-            far += [(a + rs * row, n, dev) for a, n, dev in far]
-            return np.array(local, dtype=np.uint64), np.array(far, dtype=np.uint64), ok
-        r = self._runs(src, dst)
-        ok = bool(r[:, :2].min() >= 0 and (r[:, 0] + r[:, 2]).max() <= ls and (r[:, 1] + r[:, 2]).max() <= rs)
-        n = len(r)
-        out = []
-        for base, col, plane, dev in ((lk, 0, ls * row, self._devid), (rk, 1, rs * row, remote.devid)):
-            d = np.empty((2 * n, 3), dtype=np.uint64)
-            d[:n, 0] = r[:, col] * row + base
-            d[n:, 0] = d[:n, 0] + plane
-            d[:n, 1] = d[n:, 1] = r[:, 2] * row
-            d[:, 2] = dev
-            out.append(d)
-        return out[0], out[1], ok
-
-    def flush(self, timeout: float) -> TransferStats:
-        """Wait until every write so far has landed. TransferError 504 on timeout; 502 when a WRITE
-        failed or the receiver died (400 when its description pointed outside its pool). After an
-        error, whatever was still queued is dropped and the next flush starts clean."""
+    def _wait(self, timeout: float, touched) -> TransferStats:
+        """Wait until every WRITE so far has landed: 504 on timeout; 502 when a WRITE failed or a
+        receiver died meanwhile (400 when NIXL refused it). After an error, whatever was still
+        queued is dropped and the next flush starts clean."""
         t0 = time.perf_counter()
         deadline = t0 + timeout
         with self._cv:
             while self._p.pending and self._p.error is None:
-                dead = [a for a, peer in self._p.touched.items() if not peer.alive()]
-                if dead:
-                    self._p.error = TransferError(f"the receiving engine {dead[0]!r} died during the transfer", 502)
+                dead = dead_peer(touched)  # a dead peer may never answer
+                if dead is not None:
+                    self._p.error = dead
                     break
                 left = deadline - time.perf_counter()
                 if left <= 0:
                     self._p.error = TransferError(f"KV transfer did not complete within {timeout:.1f}s "
                                                   f"({self._p.pending} writes outstanding)", 504)
                     break
-                self._cv.wait(min(left, 0.05))  # also re-check liveness: a dead peer may never answer
-            p, err = self._p, self._p.error
-            if err is None:
-                p.error = next((TransferError(f"the receiving engine {a!r} died during the transfer", 502)
-                                for a, peer in p.touched.items() if not peer.alive()), None)
-                err = p.error
-            self._p = _Progress()
-            if err is not None:
+                self._cv.wait(min(left, 0.05))
+            p, self._p = self._p, _Progress()
+            if p.error is not None:
                 self._epoch += 1  # the progress thread drops (and releases) the older jobs
-                for peer in p.touched.values():  # the next connect reloads its metadata, fresh endpoint
-                    peer.stale = True
                 self._cv.notify_all()
-                raise err
+                raise p.error
         transfer = max(p.last_done - p.first_post, 0.0) if p.bytes else 0.0
         # waiting past the last completion is the progress thread's wake-up latency, not transfer
         return TransferStats(bytes=p.bytes, transfer_s=transfer, exposed_s=min(time.perf_counter() - t0, transfer))
+
+    def _failed(self, touched, err: TransferError) -> None:
+        if err.status != 400:  # the next connect reloads their metadata: a fresh endpoint
+            for peer in touched:
+                if isinstance(peer, NixlPeer):
+                    peer.stale = True
 
     # ---- the progress thread ------------------------------------------------------------------
     def _loop(self) -> None:
@@ -336,7 +288,7 @@ class NixlTransport(KVTransport):
         failed: list[tuple[_Job, TransferError]] = []
         for job in self._batch([j for j in jobs if j.epoch == epoch]):
             try:
-                self._post(job)
+                self._start(job)
                 self._inflight.append(job)
             except TransferError as e:
                 failed.append((job, e))
@@ -386,7 +338,7 @@ class NixlTransport(KVTransport):
                             group[0].epoch, count=len(group)))
         return out
 
-    def _post(self, job: _Job) -> None:
+    def _start(self, job: _Job) -> None:
         """Create and start one WRITE (holding _agent_lock). Raises TransferError."""
         if job.ready is not None:
             job.ready.synchronize()

@@ -11,20 +11,28 @@ A write is one `memmove` per contiguous run and kind (K, V), on the CopyWorker t
 page (16 KiB per layer and kind for an 8-head, 64-dim bf16 model) or more, so each call moves data
 at memcpy speed; indexed copies (index_select + index_copy_) would pay a second pass through a
 temporary, and torch slice copies cost ~5 us of dispatch each, as much as the 16 KiB they move.
-Addresses are bounds-checked against both pools before anything is copied.
+
+A peer's description names no path: it gives the receiver's pid, start time and the fd number of
+its pool. The sender builds `/proc/<pid>/fd/<fd>` itself, and only for a live process with that
+start time; it opens it (O_RDWR, never O_CREAT) only if it is a deleted
+`/dev/shm/microserve-kv-<pid>-*` file of exactly the described size, then maps that fd. Slots,
+layouts and liveness are the planner's (plan.py).
 """
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
+import re
 import socket
+import stat
 import uuid
 
 import torch
 
-from microserve.transfer.base import (CopyWorker, KVTransport, ProcessPeer, RunCache, TransferError, TransferStats,
-                                      check_alive, process_start_time, slot_runs)
+from microserve.transfer.base import CopyWorker, KVTransport, TransferStats
+from microserve.transfer.plan import (CopyPlan, Geometry, Identity, MappedPeer, Planner, TransferError, bad,
+                                      process_start_time)
 
 # Copies up to this size run in the caller when the copy thread is idle (a few tokens, a page or
 # two): a ~10 us copy is cheaper than waking the thread. Larger ones overlap compute.
@@ -43,16 +51,22 @@ def _populate(t: torch.Tensor) -> None:
         t.zero_()  # older kernels: touch it (the file is new, so it is zeros already)
 
 
+_SHM_DIR = os.path.realpath("/dev/shm")  # as /proc/<pid>/fd names it (/run/shm on some systems)
+
+
+def _pool_name(pid: int) -> str:
+    """Every pool's file name starts so: `allocate` adds 8 hex digits, `_open` checks for them."""
+    return f"{_SHM_DIR}/microserve-kv-{pid}-"
+
+
 class ShmTransport(KVTransport):
     name = "shm"
+    local_only = True
 
     def __init__(self) -> None:
         super().__init__()
         self._fd: int | None = None
-        self._peers: dict[tuple, ProcessPeer] = {}
         self._worker = CopyWorker("shm-kv-copy", inline_bytes=INLINE_BYTES)
-        self._touched: set[ProcessPeer] = set()
-        self._runs = RunCache()
 
     def allocate(self, shape, dtype, device) -> torch.Tensor:
         if torch.device(device).type != "cpu":
@@ -61,7 +75,7 @@ class ShmTransport(KVTransport):
         for s in shape:
             numel *= s
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        path = f"/dev/shm/microserve-kv-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path = f"{_pool_name(os.getpid())}{uuid.uuid4().hex[:8]}"
         self._fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(self._fd, nbytes)
@@ -69,88 +83,69 @@ class ShmTransport(KVTransport):
         finally:
             os.unlink(path)
         _populate(self.local)
-        self._dtype = str(dtype).removeprefix("torch.")
-        self._row = shape[4] * shape[5] * self.local.element_size()  # one token's K (or V) in one layer
-        self._slots = shape[2] * shape[3]
+        self.planner = Planner(self.local)
         return self.local
 
     def describe(self) -> dict:
+        if self._fd is None:
+            raise TransferError("the shm transport has no KV pool yet", 500)
         pid = os.getpid()
-        return {"host": socket.gethostname(), "pid": pid, "start": process_start_time(pid),
-                "path": f"/proc/{pid}/fd/{self._fd}", "shape": list(self.local.shape), "dtype": self._dtype}
+        return {"host": socket.gethostname(), "pid": pid, "start": process_start_time(pid), "fd": self._fd,
+                "shape": list(self.local.shape), "dtype": self.planner.geom.dtype}
 
-    def connect(self, peer: dict) -> ProcessPeer:
+    def _peer_key(self, peer, ident, geom):
+        fd_no = peer.get("fd")
+        if type(fd_no) is not int or not 0 <= fd_no < 2**31:
+            raise bad("kv_addr_info's shm peer has no usable fd (an integer)")
+        return ident, geom, fd_no
+
+    def _open(self, peer: dict, ident: Identity, geom: Geometry) -> MappedPeer:
+        """Map a live receiver's pool through /proc/<pid>/fd/<fd>, after checking that this is a
+        microserve KV pool of exactly the described size (400 otherwise)."""
+        fd_no = peer["fd"]  # an int: _peer_key checked it
+        proc = f"/proc/{ident.pid}/fd/{fd_no}"
         try:
-            key = (peer["host"], peer["pid"], peer["start"], peer["path"])
-            shape, dtype = list(peer["shape"]), peer["dtype"]
-        except (KeyError, TypeError):
-            raise TransferError("kv_addr_info has no usable shm peer description", 400) from None
-        if peer["host"] != socket.gethostname():
-            raise TransferError(f"shm reaches engines on this host only; the receiver is on {peer['host']!r}"
-                                " (use --kv-transport nixl across hosts)", 400)
-        if dtype != self._dtype or shape[:2] + shape[3:] != list(self.local.shape[:2]) + list(self.local.shape[3:]):
-            raise TransferError(f"receiver's KV layout {shape} {dtype} does not match ours "
-                                f"{list(self.local.shape)} {self._dtype}", 400)
-        if key in self._peers and self._peers[key].alive() and list(self._peers[key].kv.shape) == shape:
-            return self._peers[key]
-        numel = 1
-        for s in shape:
-            numel *= s
+            target = os.readlink(proc)
+            st = os.stat(proc)
+        except OSError as e:
+            raise bad(f"pid {ident.pid} has no fd {fd_no} we can reach: {e.strerror}") from None
+        name = re.escape(_pool_name(ident.pid))
+        if (not re.fullmatch(rf"{name}[0-9a-f]{{8}} \(deleted\)", target) or not stat.S_ISREG(st.st_mode)
+                or st.st_dev != os.stat(_SHM_DIR).st_dev):
+            raise bad(f"fd {fd_no} of pid {ident.pid} is not a microserve KV pool")
+        if st.st_size != geom.nbytes:
+            raise bad(f"the KV pool of pid {ident.pid} holds {st.st_size} bytes, not the {geom.nbytes} its "
+                      "description says")
         try:
-            kv = torch.from_file(peer["path"], shared=True, size=numel, dtype=self.local.dtype).view(shape)
-        except (RuntimeError, OSError) as e:
-            raise TransferError(f"cannot map the receiver's KV pool (is it alive?): {e}", 502) from None
-        p = ProcessPeer(peer, kv)
-        if not p.alive():
-            raise TransferError("the receiving engine is not running", 502)
-        self._peers[key] = p
-        return p
+            fd = os.open(proc, os.O_RDWR | os.O_CLOEXEC)  # no O_CREAT: this opens what is there, or nothing
+        except OSError as e:
+            raise bad(f"cannot open the KV pool of pid {ident.pid}: {e.strerror}") from None
+        try:
+            mine = os.fstat(fd)  # the same file, still deleted: fd_no was not swapped since we looked
+            if (mine.st_dev, mine.st_ino, mine.st_size) != (st.st_dev, st.st_ino, st.st_size) or mine.st_nlink:
+                raise bad(f"fd {fd_no} of pid {ident.pid} changed while it was opened")
+            mm = mmap.mmap(fd, geom.nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise bad(f"cannot map the KV pool of pid {ident.pid}: {e.strerror}") from None
+        finally:
+            os.close(fd)  # the mapping keeps the file
+        kv = torch.frombuffer(mm, dtype=getattr(torch, geom.dtype)).view(geom.shape)  # holds mm
+        return MappedPeer(ident, geom, kv, kv.data_ptr())
 
-    def write(self, layer: int, src: list[int], dst: list[int], remote: ProcessPeer) -> None:
-        """Queue the copy of layer `layer`'s K and V rows `src` into the receiver's rows `dst`.
-        Slots outside either pool copy nothing and fail the next flush (400)."""
-        if not src:
-            return
-        local, target = self.local, remote.kv
-        row = self._row
-        lslots, rslots = self._slots, target.shape[2] * target.shape[3]
-        # [layers, 2, slots, row] is one contiguous buffer: K of layer l is plane 2l, V plane 2l+1
-        lk = local.data_ptr() + 2 * layer * lslots * row
-        rk = target.data_ptr() + 2 * layer * rslots * row
-        lv, rv = lslots * row, rslots * row  # K -> V distance in each pool
-        self._touched.add(remote)
-        ok = len(src) == len(dst) and 0 <= layer < local.shape[0]
-        if len(src) <= 64:  # decode-sized: plain Python beats numpy's per-call overhead
-            runs = slot_runs(src, dst)
-            ok = ok and all(s >= 0 and d >= 0 and s + n <= lslots and d + n <= rslots for s, d, n in runs)
-            srcs, dsts, lens = [lk + s * row for s, _, _ in runs], [rk + d * row for _, d, _ in runs], \
-                [n * row for _, _, n in runs]
-        else:
-            r = self._runs(src, dst)
-            ok = ok and r[:, :2].min() >= 0 and (r[:, 0] + r[:, 2]).max() <= lslots \
-                and (r[:, 1] + r[:, 2]).max() <= rslots
-            srcs, dsts, lens = (r[:, 0] * row + lk).tolist(), (r[:, 1] * row + rk).tolist(), (r[:, 2] * row).tolist()
-        if not ok:
-            err = TransferError(f"write of layer {layer}: slots outside the pools ({lslots} local, {rslots} "
-                                f"remote slots) or {len(src)} != {len(dst)} slots", 400)
+    def _post(self, plan: CopyPlan, remote: MappedPeer) -> None:
+        """Queue the copy: one memmove per run, K then V (a C call that releases the GIL)."""
+        srcs, dsts, lens = plan.moves()  # K runs; a V run is its K run plus the K -> V distance
+        sv, dv = plan.src_v, plan.dst_v
 
-            def fail() -> None:
-                raise err
-            self._worker.submit(fail, 0)
-            return
-
-        def copy(keep=(local, target)) -> None:  # keep: both mappings stay alive until the copy ran
-            move = ctypes.memmove  # a C call that releases the GIL: compute threads keep running
-            for dv, sv in ((0, 0), (rv, lv)):  # all K runs, then all V runs: forward through memory
+        def copy(keep=(self.local, remote.kv)) -> None:  # keep: both mappings stay alive until the copy ran
+            move = ctypes.memmove
+            for ov, iv in ((0, 0), (dv, sv)):  # all K runs, then all V runs: forward through memory
                 for d, s, n in zip(dsts, srcs, lens):
-                    move(d + dv, s + sv, n)
-        self._worker.submit(copy, 2 * len(src) * row)
+                    move(d + ov, s + iv, n)
+        self._worker.submit(copy, plan.nbytes)
 
-    def flush(self, timeout: float) -> TransferStats:
-        stats = self._worker.wait(timeout)
-        touched, self._touched = self._touched, set()
-        check_alive(touched)
-        return stats
+    def _wait(self, timeout: float, touched) -> TransferStats:
+        return self._worker.wait(timeout)
 
     def close(self) -> None:
         self._worker.close()
