@@ -206,3 +206,21 @@ def test_forged_kv_addr_info_over_http(pd, tmp_path):
     assert not target.exists()
     assert (victim.stat().st_mtime_ns, victim.read_bytes()) == before
     assert_clean(P, D)
+
+
+def test_bearer_credentials_are_exact():
+    """The admin token and the cluster token are accepted only as `Authorization: Bearer <token>`."""
+    from aiohttp.test_utils import make_mocked_request
+
+    from microserve.web import HTTPError, check_bearer
+
+    def check(header: str | None) -> int:
+        req = make_mocked_request("GET", "/admin/state", headers={"Authorization": header} if header else {})
+        try:
+            check_bearer(req, "s3cret", "admin token")
+            return 200
+        except HTTPError as e:
+            return e.status
+    assert check("Bearer s3cret") == 200
+    assert [check(h) for h in (None, "s3cret", "bearer s3cret", "Bearer  s3cret", "Bearer s3cret ", "Basic s3cret",
+                               "Bearer wrong", "Bearers3cret")] == [401] * 8
