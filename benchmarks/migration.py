@@ -16,7 +16,7 @@ Per repeat, with fresh random contexts (so nothing is cached by accident):
   from a slow first read of the migrated pages.
 
 (a) and (b) are interleaved, their order alternating. Over real HTTP: two `microserve engine`
-processes (microserve.launch.spawn), each pinned to its own core with one torch thread (the CPU
+processes (microserve.launch.LocalLauncher), each pinned to its own core with one torch thread (the CPU
 miniature); in process: two Engine objects in this process, one torch thread. The paper reports
 migration 1.7x faster than recompute at 1000 tokens.
 """
@@ -83,16 +83,14 @@ def cached_tokens(usage: dict) -> int:
 
 async def http_bench(spec, model_dir: str, repeats: int, ctx_len: int, page: int, rng: random.Random,
                      log_dir: str) -> dict:
-    from microserve.launch import free_port, spawn, stop, wait_healthy
-    common = ["engine", "--model", model_dir, "--load-format", "dummy", "--kv-transport", "shm", "--num-threads", "1",
-              "--page-size", str(page), "--kv-cache-memory-mb", "512", "--max-num-batched-tokens", "2048"]
-    ncpu = os.cpu_count() or 1
-    A = spawn("A", common + ["--cpu-affinity", str(0 % ncpu)], free_port(), os.path.join(log_dir, "A.log"))
-    B = spawn("B", common + ["--cpu-affinity", str(1 % ncpu)], free_port(), os.path.join(log_dir, "B.log"))
+    from microserve.launch import LocalLauncher, engine_specs
+    common = ["--load-format", "dummy", "--kv-transport", "shm", "--page-size", str(page), "--kv-cache-memory-mb", "512",
+              "--max-num-batched-tokens", "2048"]
+    launcher = LocalLauncher(log_dir, startup_timeout_s=180)
     vocab = 8192
     res: dict[str, list] = {}
-    try:
-        wait_healthy([A, B], timeout=180)
+    try:  # A on core 0, B on core 1, one torch thread each
+        A, B = launcher.start(engine_specs(model_dir, ["both", "both"], common, pin_cores=True))
         end = ctx_len // page * page  # what A's prefix cache holds: full pages (a router would ask /match)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as s:
             async def migrate_once(i: int, record: bool) -> None:
@@ -149,7 +147,7 @@ async def http_bench(spec, model_dir: str, repeats: int, ctx_len: int, page: int
                       f"{res['request_on_B'][-1] * 1e3:.1f}), local hit on A {res['local'][-1] * 1e3:.1f} ms, on B again "
                       f"{res['again_on_B'][-1] * 1e3:.1f} ms, load {loadavg()}", flush=True)
     finally:
-        stop([A, B])
+        launcher.stop()
     return res
 
 

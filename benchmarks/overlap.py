@@ -127,14 +127,16 @@ def served_hidden(cfg: dict, lengths: list[int], n: int, rng: random.Random) -> 
 
     import aiohttp
 
-    from microserve.cluster import TOKEN_ENV, auth_headers, new_token
-    from microserve.launch import free_port, spawn, stop, wait_healthy
+    from microserve.cluster import auth_headers, new_token
+    from microserve.launch import EngineSpec, LocalLauncher
 
-    os.environ[TOKEN_ENV] = token = new_token()
-    args = ["engine", "--model", cfg["model"], "--load-format", "dummy", "--kv-cache-memory-mb",
+    token = new_token()
+    args = ["--load-format", "dummy", "--kv-cache-memory-mb",
             str(cfg["kv_cache_memory_mb"]), "--max-num-batched-tokens", str(cfg["max_num_batched_tokens"]),
             "--page-size", str(cfg["page_size"])] + (["--num-threads", str(cfg["num_threads"])] if cfg["num_threads"] else [])
-    P, D = spawn("P", args, free_port()), spawn("D", args + ["--seed", "1"], free_port())
+    launcher = LocalLauncher(token=token, startup_timeout_s=300)
+    P, D = launcher.start([EngineSpec(cfg["model"], "prefill", args, name="P"),
+                           EngineSpec(cfg["model"], "decode", args + ["--seed", "1"], name="D")], wait=False)
 
     def counters() -> tuple[float, float]:
         text = urllib.request.urlopen(P.url + "/metrics").read().decode()
@@ -163,10 +165,10 @@ def served_hidden(cfg: dict, lengths: list[int], n: int, rng: random.Random) -> 
                 print(f"served L={L}: hidden {out[L] * 100:.1f} % over {n} requests", flush=True)
         return out
     try:
-        wait_healthy([P, D], 300)
+        launcher.wait_healthy()
         return asyncio.run(run())
     finally:
-        stop([P, D])
+        launcher.stop()
 
 
 def main() -> int:

@@ -3,6 +3,7 @@ and through `microserve router --strategy least_loaded` in front of it, interlea
 
     python benchmarks/router_overhead.py                       # concurrency 1,4,16,64; writes the doc
     python benchmarks/router_overhead.py --concurrency 1,4 --requests 100 --no-write
+    python benchmarks/router_overhead.py --ray                 # the engine as a Ray actor (a local Ray)
 
 Real processes: `microserve engine --model stories260K` and `microserve router --engine URL --model
 stories260K --strategy least_loaded`. The client (this process, aiohttp, keep-alive) runs closed-loop
@@ -105,8 +106,11 @@ def main() -> int:
                     help="a local Hugging Face model directory (default: stories260K in ../shared/models)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole sweep (fresh processes each time)")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                    help="launch the engine as a Ray actor (on the Ray cluster at ADDRESS, or a new local one), "
+                         "as `microserve up --ray` does; the router stays a local process")
     a = ap.parse_args()
-    from microserve.launch import free_port, spawn, stop, wait_healthy
+    from microserve.launch import EngineSpec, LocalLauncher, RayLauncher
     from microserve.tokenizer import Tokenizer
     n_tok = len(Tokenizer(a.model).encode(PROMPT))
     conc = [int(x) for x in a.concurrency.split(",")]
@@ -115,20 +119,17 @@ def main() -> int:
     results = []
     t_start = time.perf_counter()
     for rnd in range(a.rounds):
-        eport, rport = free_port(), free_port()
-        eng = spawn("engine", ["engine", "--model", a.model], eport, os.path.join(logs, "engine.log"))
-        procs = [eng]
+        launcher = LocalLauncher(logs) if a.ray is None else RayLauncher(
+            a.ray or None, log_dir=logs, ray_init={} if a.ray else {"include_dashboard": False})
         try:
-            wait_healthy([eng], timeout=120)
-            rtr = spawn("router", ["router", "--engine", eng.url, "--model", a.model, "--strategy", "least_loaded"],
-                        rport, os.path.join(logs, "router.log"))
-            procs.append(rtr)
-            wait_healthy([rtr], timeout=60)
-            print(f"round {rnd}: engine {eng.url}, router {rtr.url}; prompt {n_tok} tokens", flush=True)
+            eng = launcher.start([EngineSpec(a.model, name="engine")])[0]
+            rtr = launcher.start_router("least_loaded", a.model, timeout=60)
+            print(f"round {rnd}: engine {eng.url} ({launcher.kind} launch), router {rtr.url}; prompt {n_tok} tokens",
+                  flush=True)
             results.append(asyncio.run(bench(eng.url, rtr.url, conc, a.requests, a.blocks,
-                                             {"engine": eng.popen.pid, "router": rtr.popen.pid})))
+                                             {"engine": eng.pid, "router": rtr.popen.pid})))
         finally:
-            stop(procs)
+            launcher.stop()
     elapsed = time.perf_counter() - t_start
     rows = []
     for c in conc:
@@ -161,8 +162,13 @@ def main() -> int:
         f"same {os.cpu_count()} cores\n"
         f"- prompt: {PROMPT!r} ({n_tok} tokens), greedy, ignore_eos; closed loop with c workers; {a.blocks} blocks "
         f"per target alternating direct/router; {a.rounds} round(s) of fresh processes; {elapsed:.0f} s in all\n")
-    publish("router", "3. Router overhead, data parallel (least_loaded, one engine)", header, rows, m, setup, NOTES,
-            a.no_write)
+    if a.ray is None:
+        publish("router", "3. Router overhead, data parallel (least_loaded, one engine)", header, rows, m, setup, NOTES,
+                a.no_write)
+    else:  # the same, the engine a Ray actor's child (`microserve up --ray`): its own section
+        publish("router_ray", "3b. Router overhead, the engine launched as a Ray actor", header, rows, m,
+                setup.replace("- engine:", "- engine (a Ray actor's child process, `RayLauncher`):", 1), RAY_NOTES,
+                a.no_write)
     return 0
 
 
@@ -195,6 +201,14 @@ How to read it:
   On a machine with a core to spare for the router this part would shrink; in the same process
   budget, forwarding the engine's SSE bytes unparsed in data-parallel mode (the router only needs
   the usage chunk and the finish) and orjson/uvloop would cut it.
+"""
+
+RAY_NOTES = """
+Read it against section 3, run just before it by the same command without `--ray`: the engine is
+the same `microserve engine` process in both (here the child of its Ray actor on a local one-node
+Ray, bound to the node's address rather than loopback) and the router the same local process, so
+the router's added latency is the same within the spread of rounds and of the two runs; Ray sits
+beside the request path, not on it.
 """
 
 if __name__ == "__main__":

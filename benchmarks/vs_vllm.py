@@ -1,6 +1,7 @@
 """microserve's engine server vs vLLM-CPU, side by side, on one model, one machine, one load.
 
-One script, servers one after the other (never two at once): for each repeat, for each server
+One script, servers one after the other (never two at once), each started through the launcher
+(microserve.launch, vLLM's as a foreign command line): for each repeat, for each server
 configuration, start the server, time process start -> first GET /health 200, send one unrecorded
 warm-up bench (its own prompts), run `microserve bench` at rate inf and at --rate req/s (token-id
 prompts, so both servers see exactly the same inputs), read PSS summed over the server's whole
@@ -23,15 +24,16 @@ thread) and once with torch's default thread count.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
+
+from microserve.launch import EngineSpec, LocalLauncher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K-hd32")
@@ -78,66 +80,27 @@ def uptime() -> str:
 
 
 # ---- servers --------------------------------------------------------------------------------------
-def server_command(kind: str, a: argparse.Namespace, port: int) -> tuple[list[str], dict]:
-    env = dict(os.environ)
+def server_spec(kind: str, a: argparse.Namespace) -> EngineSpec:
+    """What the launcher starts for `kind`: vLLM's server as a foreign command line, or ours."""
     if kind == "vllm":
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(a.kv_gib)
-        cmd = [a.vllm_python, os.path.join(REPO, "benchmarks", "vllm_shim.py"), "serve", a.model,
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-               "--max-model-len", str(a.max_model_len), "--enforce-eager"]
-        return cmd, env
-    cmd = [sys.executable, "-m", "microserve.cli", "engine", "--model", a.model, "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", "float32", "--max-model-len", str(a.max_model_len),
-           "--kv-cache-memory-mb", str(a.kv_gib * 1024)]
+        return EngineSpec(a.model, name=kind, env={"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}, command=[
+            a.vllm_python, os.path.join(REPO, "benchmarks", "vllm_shim.py"), "serve", a.model, "--host", "{host}",
+            "--port", "{port}", "--dtype", "float32", "--max-model-len", str(a.max_model_len), "--enforce-eager"])
+    args = ["--dtype", "float32", "--max-model-len", str(a.max_model_len), "--kv-cache-memory-mb", str(a.kv_gib * 1024)]
     if kind == "microserve-t1":
-        cmd += ["--num-threads", "1"]
+        args += ["--num-threads", "1"]
     elif kind != "microserve-default":
         raise SystemExit(f"unknown server {kind!r}")
-    return cmd, env
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as r:
-            return r.status == 200
-    except Exception:
-        return False
+    return EngineSpec(a.model, args=args, name=kind)
 
 
 def start_server(kind, a, port, log_path):
-    cmd, env = server_command(kind, a, port)
-    log = open(log_path, "w")
+    """(launcher, the started server, seconds from process start to the first /health 200). The
+    launcher's stop() takes the server's whole process group (vLLM's engine core too)."""
+    launcher = LocalLauncher(startup_timeout_s=a.startup_timeout_s, progress=None)
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    while not healthy(url):
-        if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited with {proc.returncode} during start-up; see {log_path}")
-        if time.monotonic() - t0 > a.startup_timeout_s:
-            stop_server(proc)
-            raise RuntimeError(f"{kind} not healthy after {a.startup_timeout_s}s; see {log_path}")
-        time.sleep(0.05)
-    return proc, url, time.monotonic() - t0, cmd
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """SIGTERM the server's own process group (it was started in a new session), then SIGKILL."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    deadline = time.monotonic() + 10  # let the group's stragglers (vLLM's engine core) go too
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
+    server = launcher.start([dataclasses.replace(server_spec(kind, a), port=port, log_path=log_path)])[0]
+    return launcher, server, time.monotonic() - t0
 
 
 # ---- the load -------------------------------------------------------------------------------------
@@ -189,9 +152,10 @@ def main() -> int:
         for kind in servers:
             tag = f"{kind}-r{rep}"
             run = {"server": kind, "repeat": rep, "uptime_before_start": uptime()}
-            proc, url, startup, cmd = start_server(kind, a, a.port, os.path.join(a.out_dir, f"{tag}.log"))
+            launcher, server, startup = start_server(kind, a, a.port, os.path.join(a.out_dir, f"{tag}.log"))
+            url = server.url
             try:
-                run.update(server_cmd=" ".join(cmd), startup_s=startup, pss_idle_mib=pss_mib(proc.pid)[0])
+                run.update(server_cmd=" ".join(server.proc.argv), startup_s=startup, pss_idle_mib=pss_mib(server.pid)[0])
                 # warm-up on prompts of its own (seed 1000+): no prefix-cache hits for the measured runs
                 bench(url, a, math.inf, a.warmup_prompts, 1000 + rep, a.out_dir, None, "warmup")
                 run["benches"] = {}
@@ -202,10 +166,10 @@ def main() -> int:
                     run["benches"][str(rate)] = {
                         "uptime_before": up, "cmd": " ".join(bcmd), "console": out,
                         **({k: res[k] for k in KEYS + ("completed", "failed", "duration")} if res else {"error": out[-2000:]})}
-                total, per = pss_mib(proc.pid)
+                total, per = pss_mib(server.pid)
                 run.update(pss_after_load_mib=total, pss_per_process_mib={str(k): round(v, 1) for k, v in per.items()})
             finally:
-                stop_server(proc)
+                launcher.stop(grace=30)
             b = run["benches"]
             print(f"{tag:24s} start-up {run['startup_s']:6.2f}s  PSS idle {run['pss_idle_mib']:7.1f} MiB, after load "
                   f"{run['pss_after_load_mib']:7.1f} MiB  " + "  ".join(

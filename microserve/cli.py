@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     add_router_args(p)
     p.set_defaults(fn=cmd_router)
 
-    p = sub.add_parser("up", help="start N engines and a router on this host; Ctrl-C stops everything",
-                       description="Start N engine processes and the router on one host, wait until all are "
+    p = sub.add_parser("up", help="start N engines (here, or on a Ray cluster) and a router; Ctrl-C stops everything",
+                       description="Start N engine processes (on this host, or with --ray as Ray actors across a "
+                                   "Ray cluster) and the router here, wait until all are "
                                    "healthy, print the URLs, serve until Ctrl-C or SIGTERM, then stop every "
                                    "process. Flags not listed here (e.g. --page-size, --kv-transport) are "
                                    "passed to every engine: see `microserve engine --help`.")
@@ -175,6 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pin-cores", action="store_true",
                    help="pin engine i to CPU core i with one torch thread (the CPU miniature)")
     p.add_argument("--log-dir", default="microserve-logs", help="engine logs go here (default: %(default)s)")
+    g = p.add_argument_group("Ray (engines as Ray actors across a Ray cluster; pip install 'microserve[ray]')")
+    g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="start the engines as Ray actors: on the cluster at ADDRESS ('auto': the one running on "
+                        "this machine, 'ray://head:10001', or host:6379), or without ADDRESS on $RAY_ADDRESS or a "
+                        "new local Ray. The router runs here and finds the engines through Ray")
+    g.add_argument("--ray-num-cpus", type=float, default=1.0, help="CPUs each engine's actor reserves (default: %(default)s)")
+    g.add_argument("--ray-num-gpus", type=float, default=None,
+                   help="GPUs each engine's actor reserves (default: 1 where the cluster has GPUs, else 0)")
+    g.add_argument("--ray-place-by-role", action="store_true",
+                   help="an engine of role R needs one unit of the custom resource R: start nodes with e.g. "
+                        "`ray start --resources '{\"prefill\": 1}'` to choose where prefill and decode engines run")
     p.add_argument("--startup-timeout-s", type=float, default=120.0,
                    help="fail an engine that is not healthy and has logged nothing for this long; a first start "
                         "that builds the CPU kernels logs a heartbeat, so it waits as long as the build runs "
@@ -190,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_demo)
     from microserve.bench.cli import register as register_bench
     register_bench(sub)
+    from microserve.sim.cli import register as register_sim
+    register_sim(sub)  # `microserve sim`: the router's strategies over simulated engines (docs/sim.md)
 
     a, extra = parser.parse_known_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -9,8 +9,9 @@ import time
 
 import aiohttp
 
-from microserve.launch import StartupError, free_port, stop, wait_healthy
-from microserve.router.serve import engine_roles, share_cluster_token, start_engines, start_router
+from microserve.launch import LocalLauncher, StartupError, engine_specs, free_port
+from microserve.router.serve import share_cluster_token, start_router
+from microserve.router.strategies import engine_roles
 
 PROMPTS = ["Once upon a time", "The router asked each engine how much of the prompt it had cached",
            "Hello world! How are you today?"]
@@ -56,20 +57,16 @@ async def _demo(engines, strategy: str, model: str, max_tokens: int) -> None:
 def run_demo(a) -> int:
     t0 = time.perf_counter()
     strategy = "pd"
-    roles = engine_roles(2, strategy, None)
     share_cluster_token()
-    procs = start_engines(a.model, 2, [])
-    try:
+    with LocalLauncher() as launcher:
         try:
-            wait_healthy(procs)
+            engines = launcher.start(engine_specs(a.model, engine_roles(2, strategy, None)))
         except StartupError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
-        for p, role in zip(procs, roles):
-            print(f"engine  {p.url}  role={role}")
+        for e in engines:
+            print(f"engine  {e.url}  role={e.role}")
         print(f"2 engines up in {time.perf_counter() - t0:.1f}s (model {a.model})")
-        asyncio.run(_demo([(p.url, r) for p, r in zip(procs, roles)], strategy, a.model, a.max_tokens))
-    finally:
-        stop(procs)
+        asyncio.run(_demo([(e.url, e.role) for e in engines], strategy, a.model, a.max_tokens))
     print("stopped: engines and router are down.")
     return 0

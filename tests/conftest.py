@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from microserve.launch import Proc, free_port, spawn, stop, wait_healthy
+from microserve.launch import EngineSpec, LocalEngine, LocalLauncher
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -79,21 +79,17 @@ def tiny_llama(tmp_path_factory) -> str:
 
 
 class EngineProcs:
-    """Start engine server processes; all are stopped at teardown."""
+    """Start engine server processes through the launcher; all are stopped at teardown."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp, self.procs = tmp, []
+        self.launcher = LocalLauncher(str(tmp), startup_timeout_s=90)
 
-    def start(self, *args: str, model: str = STORIES, name: str = "engine") -> Proc:
-        port = free_port()
-        log = self.tmp / f"{name}-{port}.log"
-        p = spawn(name, ["engine", "--model", model, "--debug-api", *args], port, str(log))
-        self.procs.append(p)
-        wait_healthy([p], timeout=90)  # a StartupError carries the log's last lines
-        return p
+    def start(self, *args: str, model: str = STORIES, name: str = "engine") -> LocalEngine:
+        # a StartupError carries the log's last lines
+        return self.launcher.start([EngineSpec(model, args=["--debug-api", *args], name=name)])[0]
 
     def stop_all(self) -> None:
-        stop(self.procs)
+        self.launcher.stop()
 
 
 @pytest.fixture

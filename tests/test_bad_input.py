@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from conftest import STORIES, STORIES_HD32, kv_accounting
-from microserve.launch import free_port, spawn, stop, wait_healthy
+from microserve.launch import EngineSpec, LocalLauncher, free_port
 
 NAME = "stories"
 PROMPT = "Once upon a time"
@@ -34,7 +34,7 @@ MIB = 2**20
 
 @dataclass
 class Pair:
-    engine: Any  # launch.Proc
+    engine: Any  # launch.LocalEngine
     router: Any
 
     def url(self, front: str) -> str:
@@ -52,30 +52,27 @@ class Fronts:
             shutil.copy(f"{STORIES}/{f}", chat_model / f)
         cfg = json.load(open(f"{STORIES}/tokenizer_config.json"))
         (chat_model / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": CHAT_TEMPLATE}))
-        self.procs = []
-        engines = {kind: self._spawn(tmp, f"engine-{kind}", ["engine", "--model", model, "--debug-api",
-                                                               "--kv-cache-memory-mb", "32"])
-                   for kind, model in (("plain", STORIES), ("chat", str(chat_model)))}
-        wait_healthy(list(engines.values()), 90)
-        routers = {kind: self._spawn(tmp, f"router-{kind}", ["router", "--model", model, "--engine", engines[kind].url])
-                   for kind, model in (("plain", STORIES), ("chat", str(chat_model)))}
-        wait_healthy(list(routers.values()), 30)  # healthy: an engine answered, so the context is known
+        self.launcher = LocalLauncher(str(tmp), startup_timeout_s=90)
+        models = {"plain": STORIES, "chat": str(chat_model)}
+        engines = dict(zip(models, self.launcher.start(
+            [EngineSpec(model, args=["--debug-api", "--kv-cache-memory-mb", "32", "--served-model-name", NAME],
+                        name=f"engine-{kind}") for kind, model in models.items()])))
+        # healthy: an engine answered, so the context is known
+        routers = {kind: self.launcher.start_router("least_loaded", model, ["--served-model-name", NAME],
+                                                    engines=[engines[kind]], name=f"router-{kind}")
+                   for kind, model in models.items()}
         self.pairs = {kind: Pair(engines[kind], routers[kind]) for kind in engines}
 
-    def _spawn(self, tmp, name: str, args: list[str]):
-        p = spawn(name, [*args, "--served-model-name", NAME], free_port(), str(tmp / f"{name}.log"))
-        self.procs.append(p)
-        return p
-
     def logs(self) -> dict[str, str]:
-        return {p.name: open(p.log_path, errors="replace").read() for p in self.procs}
+        return {p.name: open(p.log_path, errors="replace").read()
+                for p in [*self.launcher.engines, *self.launcher.routers]}
 
 
 @pytest.fixture(scope="module")
 def fronts(tmp_path_factory):
     f = Fronts(tmp_path_factory.mktemp("fronts"))
     yield f
-    stop(f.procs)
+    f.launcher.stop()
 
 
 async def post(url: str, body, path: str = "/v1/completions", timeout: float = 60) -> tuple[int, dict]:

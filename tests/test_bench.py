@@ -14,7 +14,7 @@ from microserve.bench import datasets as ds
 from microserve.bench.loadgen import LoadConfig, arrival_times, benchmark, build_payload, run
 from microserve.bench.metrics import (RequestRecord, compute_metrics, format_results, parse_percentiles,
                                       percentile_label)
-from microserve.launch import free_port, spawn, stop, wait_healthy
+from microserve.launch import EngineSpec, LocalLauncher, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -177,15 +177,8 @@ def test_payload_shapes():
 # ---- real HTTP ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    log = tmp_path_factory.mktemp("bench") / "engine.log"
-    p = spawn("engine", ["engine", "--model", STORIES], free_port(), str(log))
-    try:
-        wait_healthy([p], timeout=90)
-    except Exception:
-        stop([p])
-        raise RuntimeError(log.read_text()[-3000:])
-    yield p
-    stop([p])
+    with LocalLauncher(str(tmp_path_factory.mktemp("bench")), startup_timeout_s=90) as launcher:
+        yield launcher.start([EngineSpec(STORIES)])[0]  # a StartupError carries the log's last lines
 
 
 def check_records(reqs, load, exact_output: bool) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import ROOT, STORIES, kv_accounting
 from test_microserving import metric
-from microserve.launch import free_port, spawn, stop, wait_healthy
+from microserve.launch import EngineSpec, LocalLauncher, free_port
 from microserve.tokenizer import Tokenizer
 
 TOKEN = "test-admin-token"
@@ -65,33 +65,26 @@ async def admin(url: str, path: str, body: dict | None = None, token: str = TOKE
 
 
 class Cluster:
+    """Engines in `roles`, a reference engine, and a router process over the engines, all through
+    one launcher."""
+
     def __init__(self, tmp, roles=("prefill", "decode", "decode"), engine_args=()):
-        self.tmp, self.engine_args = tmp, list(engine_args)
-        self.ports = [free_port() for _ in roles]
+        self.launcher = LocalLauncher(str(tmp), startup_timeout_s=90)
+        args = ["--debug-api", "--page-size", "4"]
+        *self.engines, self.ref = self.launcher.start(
+            [EngineSpec(STORIES, role, [*args, "--recv-lease-s", "10", *engine_args], name=f"engine{i}")
+             for i, role in enumerate(roles)] + [EngineSpec(STORIES, args=args, name="ref")])
         self.roles = list(roles)
-        self.engines = [self._engine(i) for i in range(len(roles))]
-        self.ref = spawn("ref", ["engine", "--model", STORIES, "--debug-api", "--page-size", "4"], free_port(),
-                         str(tmp / "ref.log"))
-        wait_healthy(self.engines + [self.ref], 90)
-        args = ["router", "--model", STORIES, "--admin-token", TOKEN, "--timeout-s", "10", "--strategy", "least_loaded"]
-        for p, role in zip(self.engines, self.roles):
-            args += [f"--{'engine' if role == 'both' else role}", p.url]
-        self.router = spawn("router", args, free_port(), str(tmp / "router.log"),
-                            env={"PYTHONPATH": str(ROOT)})
-        wait_healthy([self.router], 30)
+        self.router = self.launcher.start_router(
+            "least_loaded", STORIES, ["--admin-token", TOKEN, "--timeout-s", "10"], engines=self.engines,
+            env={"PYTHONPATH": str(ROOT)})
         self.url = self.router.url
 
-    def _engine(self, i: int):
-        return spawn(f"engine{i}", ["engine", "--model", STORIES, "--debug-api", "--page-size", "4",
-                                    "--recv-lease-s", "10", *self.engine_args], self.ports[i],
-                     str(self.tmp / f"engine{i}.log"))
-
     def restart(self, i: int):
-        self.engines[i] = self._engine(i)
-        wait_healthy([self.engines[i]], 90)
+        self.launcher.restart(self.engines[i])  # same port, so the router finds it again
 
     def stop(self):
-        stop(self.engines + [self.ref, self.router])
+        self.launcher.stop()
 
 
 @pytest.fixture(scope="module")
@@ -183,6 +176,10 @@ def test_admin_bad_input(cluster):
         assert st == 401
         st, r = await admin(cluster.url, "/admin/engines", {"url": "http://127.0.0.1:1", "role": "boss"})
         assert st == 400 and r["error"]["param"] == "role"
+        st, r = await admin(cluster.url, "/admin/engines", {"role": "decode", "count": 2})
+        assert st == 400 and r["error"]["param"] == "url"  # engines given by URL: no launcher to start more
+        st, r = await admin(cluster.url, "/admin/engines/remove", {"role": "decode"})
+        assert st == 400 and r["error"]["param"] == "url"
         st, r = await admin(cluster.url, "/admin/engines", {"url": "http://127.0.0.1:1", "role": "x" * 70_000})
         assert st == 413 and r["error"]["code"] == "request_too_large"  # control bodies: 64 KiB at most
         st, r = await admin(cluster.url, "/admin/strategy", {"strategy": "pd", "params": {"\ud800": 1}})
@@ -262,7 +259,7 @@ def test_engine_killed_mid_request(tmp_path, victim):
             jobs = [asyncio.create_task(stream(c.url, body)) for _ in range(4)]
             jobs += [asyncio.create_task(complete(c.url, body)) for _ in range(4)]
             await asyncio.sleep(0.5)
-            os.killpg(c.engines[victim].popen.pid, signal.SIGKILL)
+            c.launcher.kill(c.engines[victim])
             t0 = time.monotonic()
             results = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 30)
             assert time.monotonic() - t0 < 30
@@ -300,7 +297,7 @@ def _children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def test_up_then_sigterm_leaves_nothing(tmp_path):
+def test_up_scales_then_sigterm_leaves_nothing(tmp_path):
     before = set(os.listdir("/dev/shm"))
     port = free_port()
     p = subprocess.Popen([sys.executable, "-m", "microserve.cli", "up", "--model", STORIES, "--engines", "2",
@@ -316,8 +313,24 @@ def test_up_then_sigterm_leaves_nothing(tmp_path):
         assert len(engine_ports) == 2, lines
         children = _children(p.pid)
         assert len(children) == 2
-        st, r = asyncio.run(complete(f"http://127.0.0.1:{port}", greedy("Once upon a time")))
+        url, token = f"http://127.0.0.1:{port}", lines[-1].split()[-1]
+        st, r = asyncio.run(complete(url, greedy("Once upon a time")))
         assert st == 200 and r["choices"][0]["text"]
+        # the admin API starts engines through `up`'s launcher, and stops the ones it removes
+        st, s = asyncio.run(admin(url, "/admin/engines", {"role": "decode", "count": 1}, token=token))
+        assert st == 200 and [e["role"] for e in s["engines"]] == ["prefill", "decode", "decode"], s
+        added = s["engines"][2]
+        assert added["healthy"] and added["launched"]["name"] == "engine2"
+        children = _children(p.pid)
+        assert len(children) == 3
+        engine_ports.append(int(added["url"].rsplit(":", 1)[1]))
+        st, s = asyncio.run(admin(url, "/admin/engines/remove", {"url": s["engines"][1]["url"]}, token=token))
+        assert st == 200 and [e["url"] for e in s["engines"]][1:] == [added["url"]], s
+        assert len(_children(p.pid)) == 2
+        st, r = asyncio.run(complete(url, greedy("Once upon a time")))
+        assert st == 200 and r["choices"][0]["text"]
+        st, s = asyncio.run(admin(url, "/admin/engines", {"role": "decode", "count": 1}))  # not without the token
+        assert st == 401
     finally:
         p.send_signal(signal.SIGTERM)
         p.wait(30)

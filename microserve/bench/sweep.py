@@ -1,7 +1,7 @@
 """`microserve bench sweep`: strategies x request rates, each on a freshly started cluster.
 
-For every (repeat, rate, strategy) the sweep starts `microserve up` as a child process (engines +
-router, the launcher users run), waits until the router is healthy, warms it up with requests
+For every (repeat, rate, strategy) the sweep starts the engines `microserve up` would, through the
+same launcher, and a router process over them, waits until they are healthy, warms it up with requests
 that share nothing with the measured ones, sends the workload with `loadgen.benchmark`, stops the
 cluster, and saves the result JSON (vLLM's keys plus `strategy`, `repeat`, `preset`). Every run
 starts cold, so no run inherits another's prefix cache. Strategies are the inner loop: runs that
@@ -107,37 +107,32 @@ def build_workload(w: Workload, path: str, n: int, seed: int) -> list:
 
 # ---- one run ------------------------------------------------------------------------------------
 class Cluster:
-    """`microserve up` in a child process; a context manager that yields the router URL and stops
-    every engine on exit (SIGTERM to `up`, which stops its engines; they also die with it)."""
+    """One run's engines and router, through the launcher (the one `microserve up` uses): the
+    engines `up` would start, and a `microserve router` process over them; a context manager that
+    yields the router URL and stops every process on exit."""
 
     def __init__(self, path: str, strategy: str, spec: SweepSpec, log_dir: str) -> None:
-        self.args = ["up", "--model", path, "--engines", str(spec.engines), "--strategy", strategy,
-                     "--served-model-name", "sweep", "--log-dir", log_dir, "--startup-timeout-s",
-                     str(spec.startup_timeout_s)]
-        if spec.prefill is not None:
-            self.args += ["--prefill", str(spec.prefill)]
-        if spec.pin_cores:
-            self.args.append("--pin-cores")
-        self.args += spec.engine_args
-        self.log_path = os.path.join(log_dir, "up.log")
-        self.timeout = spec.startup_timeout_s + 30
+        from microserve.cluster import new_token
+        from microserve.launch import LocalLauncher, engine_specs
+        from microserve.router.strategies import engine_roles
+
+        self.specs = engine_specs(path, engine_roles(spec.engines, strategy, spec.prefill), spec.engine_args,
+                                  spec.pin_cores)
+        self.path, self.strategy, self.log_dir = path, strategy, log_dir
+        self.launcher = LocalLauncher(log_dir, token=new_token(), startup_timeout_s=spec.startup_timeout_s,
+                                      progress=None)
 
     def __enter__(self) -> str:
-        from microserve.launch import free_port, spawn, wait_healthy
-        os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
-        self.proc = spawn("up", self.args, free_port(), self.log_path)
         try:
-            wait_healthy([self.proc], timeout=self.timeout)
+            self.launcher.start(self.specs)
+            router = self.launcher.start_router(self.strategy, self.path, ["--served-model-name", "sweep"], timeout=60)
         except Exception as e:
             self.__exit__()
-            with open(self.log_path, errors="replace") as f:
-                tail = f.read()[-2000:]
-            raise RuntimeError(f"the cluster did not come up ({e}); {self.log_path} ends:\n{tail}") from None
-        return self.proc.url
+            raise RuntimeError(f"the cluster did not come up ({e}); logs in {self.log_dir}") from None
+        return router.url
 
     def __exit__(self, *exc: Any) -> None:
-        from microserve.launch import stop
-        stop([self.proc], grace=30.0)
+        self.launcher.stop(grace=30.0)
 
 
 def run_one(spec: SweepSpec, path: str, strategy: str, rate: float, repeat: int,
@@ -299,8 +294,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add `sweep` to a subparsers object (the `microserve bench` parser's)."""
     p = subparsers.add_parser(
         "sweep", help="run strategies x request rates, each on a fresh cluster; table and plots",
-        description="For every request rate and strategy: start `microserve up` (engines + router), warm it, send "
-                    "the workload, stop it, save the result JSON under RESULT_DIR/runs; then write "
+        description="For every request rate and strategy: start engines and a router (as `microserve up` does), "
+                    "warm it, send the workload, stop it, save the result JSON under RESULT_DIR/runs; then write "
                     "RESULT_DIR/summary.md (table) and summary.png (mean/P99 JCT, TTFT, TPOT vs rate). "
                     "--preset miniature is the paper's experiment on a 2-core CPU (docs/benchmarks_paper.md). "
                     "Unknown flags go to every engine (e.g. --max-num-batched-tokens 512).")

@@ -4,8 +4,13 @@ token-protected admin API that swaps strategy, parameters and engines at run tim
     GET  /admin/state                     engines, strategy, parameters
     POST /admin/strategy  {"strategy": "pd:balance=0.2"}  or  {"name": "pd", "params": {"balance": 0.2}}
     POST /admin/engines   {"url": ..., "role": "prefill" | "decode" | "both"}      add an engine
+    POST /admin/engines   {"role": "decode", "count": 2}      start 2 engines through the launcher
     POST /admin/engines/drain   {"url": ...}   no new requests; in-flight ones finish
-    POST /admin/engines/remove  {"url": ...}
+    POST /admin/engines/remove  {"url": ...}  or  {"role": "decode"} (a launched one)
+
+Engines that the router's launcher started (`microserve up`, local or on Ray) are stopped when
+removed: first drained, then, once every request that began before the drain has ended, taken out
+and stopped (on Ray: the actor goes). The launcher's restarted engines are swapped in by URL.
 
 In-flight requests keep the strategy object they started with; a switch affects new requests only.
 """
@@ -22,6 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 
+from microserve.launch import Engine, Launcher, StartupError
 from microserve.router.client import ROLES, EngineClient, RouterRequest
 from microserve.router.metrics import RouterMetrics
 from microserve.router.router import EngineSet, Router
@@ -43,14 +49,21 @@ class StrategyBody(BaseModel):
 
 
 class EngineBody(BaseModel):
-    url: str
+    url: str | None = None
     role: str = "both"
+    count: int | None = None  # without url: how many engines of `role` the launcher starts
+
+
+class EngineRef(BaseModel):
+    url: str | None = None
+    role: str | None = None  # without url (remove only): a launched engine of this role, the least loaded
+    drain_timeout_s: float = 300.0
 
 
 class RouterService:
     def __init__(self, engine_urls: list[tuple[str, str]], strategy: str, tokenizer: Tokenizer | None,
                  model_name: str, admin_token: str | None, timeout_s: float = 60.0,
-                 health_interval_s: float = 1.0) -> None:
+                 health_interval_s: float = 1.0, launcher: Launcher | None = None) -> None:
         self.metrics = RouterMetrics()
         self.timeout_s, self.health_interval_s = timeout_s, health_interval_s
         self.session: aiohttp.ClientSession | None = None
@@ -59,6 +72,10 @@ class RouterService:
         self.strategy_spec = strategy
         self.strategy = self.make_strategy(strategy)
         self._health_task: asyncio.Task | None = None
+        # the launcher that started the engines (None: engines given by URL), and its handle per URL
+        self.launcher = launcher
+        self.launched: dict[str, Engine] = {e.url: e for e in launcher.engines} if launcher else {}
+        self._seq, self._active = 0, set()  # requests begun, and those not finished yet (by number)
         # the served name, or a path to the model directory (the name, or where the tokenizer is)
         self.front = OpenAIFront("router", model_name, tokenizer, self.max_model_len,
                                  model_dirs=(model_name, *((tokenizer.path,) if tokenizer else ())))
@@ -90,10 +107,77 @@ class RouterService:
             await self.session.close()
 
     async def _health_loop(self) -> None:
-        """Take engines that stop answering out of rotation and put them back once they answer."""
+        """Take engines that stop answering out of rotation and put them back once they answer;
+        swap in the launcher's engines that came back at another URL."""
         while True:
+            if self.launcher:
+                await self._follow_launcher()
             await asyncio.gather(*(self._check(e) for e in list(self.engine_set.engines)))
             await asyncio.sleep(self.health_interval_s)
+
+    async def _follow_launcher(self) -> None:
+        try:
+            moved = await asyncio.to_thread(self.launcher.poll)
+        except Exception as err:  # noqa: BLE001 - the next round asks again
+            log.warning("could not ask the launcher about its engines: %s", err)
+            return
+        for handle, old in moved:
+            c = self.engine_set.get(old)
+            self.launched.pop(old, None)
+            if c is None:  # removed meanwhile
+                continue
+            new = self._client(handle.url, c.role, c.rank)
+            new.session, new.draining = self.session, c.draining
+            self.engine_set.engines[self.engine_set.engines.index(c)] = new  # in-flight requests keep the old one
+            self.launched[handle.url] = handle
+            log.info("engine %s is back at %s (was %s)", handle.name, handle.url, old)
+
+    # ---- engines through the launcher -------------------------------------------------------------
+    async def add_launched(self, role: str, count: int) -> list[EngineClient]:
+        """Start `count` engines of `role` through the launcher, healthy, then route to them."""
+        handles = await asyncio.to_thread(self.launcher.add, role, count)
+        clients = []
+        for h in handles:
+            self.launched[h.url] = h
+            c = self._client(h.url, h.role, len(self.engine_set.engines))
+            c.session = self.session
+            self.engine_set.engines.append(c)
+            clients.append(c)
+            await self._check(c)
+        log.info("started %d %s engine(s): %s", count, role, ", ".join(h.url for h in handles))
+        return clients
+
+    async def retire(self, e: EngineClient, drain_timeout_s: float) -> None:
+        """Drain `e`, wait until every request begun before now has ended (at most drain_timeout_s),
+        take it out of the engine set, and stop it if the launcher started it."""
+        e.draining = True
+        cut, deadline = self._seq, time.monotonic() + drain_timeout_s
+        while any(s <= cut for s in self._active) or e.load.calls:
+            if time.monotonic() > deadline:
+                log.warning("engine %s still had requests after %.0fs of draining; stopping it anyway", e.url,
+                            drain_timeout_s)
+                break
+            await asyncio.sleep(0.05)
+        if e in self.engine_set.engines:
+            self.engine_set.engines.remove(e)
+        handle = self.launched.pop(e.url, None)
+        if handle is not None:
+            await asyncio.to_thread(self.launcher.remove, handle)
+            log.info("stopped engine %s (%s)", handle.name, e.url)
+
+    def engine_state(self, e: EngineClient) -> dict:
+        """e.state(), and for an engine the launcher started, what the launcher knows of it ("launched":
+        name, node, restarts, log; on Ray its actor)."""
+        handle = self.launched.get(e.url)
+        return {**e.state(), **({"launched": handle.describe()} if handle else {})}
+
+    def request_began(self) -> int:
+        self._seq += 1
+        self._active.add(self._seq)
+        return self._seq
+
+    def request_ended(self, seq: int) -> None:
+        self._active.discard(seq)
 
     async def _check(self, e: EngineClient) -> None:
         try:
@@ -122,6 +206,7 @@ def build_router_app(svc: RouterService) -> web.Application:
     async def pieces(strategy: Router, req: RouterRequest) -> AsyncIterator[Piece]:
         """The strategy's chunks as reply pieces, observing TTFT, JCT and the outcome."""
         t0, first = time.perf_counter(), True
+        seq = svc.request_began()
         try:
             async with aclosing(strategy.run(req)) as chunks:
                 async for chunk in chunks:
@@ -139,6 +224,8 @@ def build_router_app(svc: RouterService) -> web.Application:
         except Exception:
             m.requests.labels(strategy.name, "error").inc()
             raise
+        finally:
+            svc.request_ended(seq)
         m.requests.labels(strategy.name, "ok").inc()
         m.jct.labels(strategy.name).observe(time.perf_counter() - t0)
 
@@ -181,7 +268,7 @@ def build_router_app(svc: RouterService) -> web.Application:
         s = svc.strategy
         return web.json_response({"strategy": svc.strategy_spec, "name": s.name,
                                   "params": {k: getattr(s, k) for k in tunables(type(s))},
-                                  "engines": [e.state() for e in svc.engine_set.engines]})
+                                  "engines": [svc.engine_state(e) for e in svc.engine_set.engines]})
 
     async def set_strategy(request: web.Request) -> web.Response:
         body = await parse_body(request, StrategyBody)
@@ -200,6 +287,8 @@ def build_router_app(svc: RouterService) -> web.Application:
         body = await parse_body(request, EngineBody)
         if body.role not in ROLES:
             raise HTTPError(400, f"role must be one of {', '.join(ROLES)}", "invalid_request", "role")
+        if body.url is None:
+            return await add_launched(request, body)
         if svc.engine_set.get(body.url):
             raise HTTPError(409, f"engine {body.url} is already known", "conflict", "url")
         e = svc._client(body.url, body.role, len(svc.engine_set.engines))
@@ -207,28 +296,55 @@ def build_router_app(svc: RouterService) -> web.Application:
         await svc._check(e)
         return await state(request)
 
-    def engine_op(op):
-        async def handler(request: web.Request) -> web.Response:
-            body = await parse_body(request, EngineBody)
+    async def add_launched(request: web.Request, body: EngineBody) -> web.Response:
+        if svc.launcher is None:
+            raise HTTPError(400, "give 'url': this router did not start its engines, so it cannot start more "
+                                 "(`microserve up` can)", "invalid_request", "url")
+        count = 1 if body.count is None else body.count
+        if not 1 <= count <= 64:
+            raise HTTPError(400, "count must be from 1 to 64", "invalid_request", "count")
+        try:
+            await svc.add_launched(body.role, count)
+        except StartupError as e:
+            raise HTTPError(503, f"could not start {count} {body.role} engine(s): {e}", "engine_start_failed") from None
+        except ValueError as e:
+            raise HTTPError(400, str(e), "invalid_request", "role") from None
+        return await state(request)
+
+    def pick(body: EngineRef, by_role: bool = False) -> EngineClient:
+        """The engine `body` names: by URL, or (`by_role`) the least loaded launched one of its role."""
+        if body.url is not None:
             e = svc.engine_set.get(body.url)
             if e is None:
                 raise HTTPError(404, f"no engine {body.url}", "not_found", "url")
-            op(e)
-            return await state(request)
-        return handler
+            return e
+        if not by_role or body.role not in ROLES or svc.launcher is None:
+            raise HTTPError(400, "give 'url'" + (", or 'role' to remove one launched engine of that role"
+                                                if by_role and svc.launcher else ""), "invalid_request", "url")
+        mine = [e for e in svc.engine_set.engines if e.role == body.role and e.url in svc.launched]
+        if not mine:
+            raise HTTPError(404, f"no {body.role} engine that this router's launcher started", "not_found", "role")
+        return min(mine, key=lambda e: (not e.draining, e.load.running + e.load.calls))
 
-    def drain(e: EngineClient) -> None:
-        e.draining = True
+    async def drain(request: web.Request) -> web.Response:
+        pick(await parse_body(request, EngineRef)).draining = True
+        return await state(request)
 
-    def remove(e: EngineClient) -> None:
-        svc.engine_set.engines.remove(e)  # requests already on it hold their own reference
+    async def remove(request: web.Request) -> web.Response:
+        body = await parse_body(request, EngineRef)
+        e = pick(body, by_role=True)
+        if e.url in svc.launched:  # drained, then stopped
+            await svc.retire(e, body.drain_timeout_s)
+        else:
+            svc.engine_set.engines.remove(e)  # requests already on it hold their own reference
+        return await state(request)
 
     app.add_routes([
         web.post("/v1/completions", completions), web.post("/v1/chat/completions", chat),
         web.get("/v1/models", models), web.get("/health", health), web.get("/metrics", metrics),
         web.get("/admin/state", admin(state)), web.post("/admin/strategy", admin(set_strategy)),
-        web.post("/admin/engines", admin(add_engine)), web.post("/admin/engines/drain", admin(engine_op(drain))),
-        web.post("/admin/engines/remove", admin(engine_op(remove))),
+        web.post("/admin/engines", admin(add_engine)), web.post("/admin/engines/drain", admin(drain)),
+        web.post("/admin/engines/remove", admin(remove)),
     ])
 
     async def on_startup(app):

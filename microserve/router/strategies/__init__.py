@@ -73,3 +73,18 @@ def coerce_params(cls: type[Router], params: dict[str, object]) -> dict[str, obj
         except (TypeError, ValueError):
             raise UnknownStrategy(f"parameter {k}={v!r} is not a {kind.__name__}") from None
     return out
+
+
+# Strategies that split prefill and decode: `microserve up` (and the simulator) give them one
+# prefill engine by default.
+PD_STRATEGIES = ("pd", "balanced_pd", "cache_aware_pd")
+
+
+def engine_roles(n: int, strategy: str, prefill: int | None) -> list[str]:
+    """First `prefill` engines prefill, the rest decode; by default 1 prefill engine for PD
+    strategies and role "both" for everything else."""
+    if prefill is None:
+        prefill = 1 if parse_spec(strategy)[0] in PD_STRATEGIES and n > 1 else 0
+    if prefill >= n and prefill:
+        raise ValueError(f"--prefill {prefill} leaves no decode engine out of {n}")
+    return ["both"] * n if prefill == 0 else ["prefill"] * prefill + ["decode"] * (n - prefill)

@@ -1,4 +1,4 @@
-"""Start and stop engine (and router) processes on one host.
+"""The launcher's primitives: start, wait for and stop engine (and router) processes on one host.
 
 Children run in their own process group and get SIGTERM, then SIGKILL after a grace period, so no
 process outlives the launcher; KV pools live in unlinked shared memory, so none of that leaks either.
@@ -59,10 +59,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def spawn(name: str, args: list[str], port: int, log_path: str | None = None, env: dict | None = None) -> Proc:
-    """Run `python -m microserve.cli <args> --port port` in the background, its output appended to
-    log_path (a new temporary file when None: wait_healthy reads it)."""
-    argv = [sys.executable, "-m", "microserve.cli", *args, "--port", str(port)]
+def spawn(name: str, args: list[str], port: int, log_path: str | None = None, env: dict | None = None,
+          host: str | None = None, command: list[str] | None = None) -> Proc:
+    """Run `python -m microserve.cli <args> [--host host] --port port` in the background, its output
+    appended to log_path (a new temporary file when None: wait_healthy reads it). `command`, when
+    given, is the whole command line instead (another server, e.g. vLLM's; `args` is ignored)."""
+    argv = list(command) if command else \
+        [sys.executable, "-m", "microserve.cli", *args, *(["--host", host] if host else []), "--port", str(port)]
     temp_log = log_path is None
     if temp_log:
         fd, log_path = tempfile.mkstemp(prefix=f"microserve-{name}-", suffix=".log")
@@ -70,7 +73,8 @@ def spawn(name: str, args: list[str], port: int, log_path: str | None = None, en
     with open(log_path, "ab") as out:
         popen = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
-    return Proc(name, f"http://127.0.0.1:{port}", popen, argv, log_path, temp_log)
+    reach = "127.0.0.1" if host in (None, "", "0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    return Proc(name, f"http://{reach}:{port}", popen, argv, log_path, temp_log)
 
 
 class StartupError(RuntimeError):
@@ -133,23 +137,51 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process group has a member that is not a zombie (one nobody reaps, e.g. under a
+    container's init, must not hold stop() up)."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def _clear_group(pgid: int, deadline: float) -> None:
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            _signal_group(pgid, signal.SIGKILL)
+            return
+        time.sleep(0.05)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
 def stop(procs: list[Proc], grace: float = 10.0) -> None:
     for p in procs:
         if p.alive:
-            try:
-                os.killpg(p.popen.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal_group(p.popen.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     for p in procs:
         try:
             p.popen.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal_group(p.popen.pid, signal.SIGKILL)
             p.popen.wait()
+    for p in procs:  # what a leader left in its group (a server's own workers, which had the SIGTERM too)
+        _clear_group(p.popen.pid, deadline=time.monotonic() + 2.0)
     for p in procs:
         if p.temp_log and p.log_path:
             with contextlib.suppress(OSError):
