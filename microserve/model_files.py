@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 EMBEDDED = "embedded"
 TOKENIZER_FILES = ("*.json", "tokenizer*", "*.jinja")  # config, tokenizer, chat template: no weights
@@ -78,5 +79,9 @@ def _build(path: str) -> None:
     with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
         json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE,
                    "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
-    if not os.path.exists(path):
-        os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)  # atomic: readers see all of the directory or none of it
+    except OSError:  # another process (engines start side by side) put its identical copy there first
+        if not os.path.exists(os.path.join(path, "tokenizer.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

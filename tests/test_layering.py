@@ -57,3 +57,16 @@ def test_engine_and_router_resolve_the_same_embedded_dir(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a directory"):
         resolve_model_path(str(tmp_path / "file"))
+
+
+def test_embedded_model_is_built_once_safely_by_concurrent_starts(tmp_path):
+    """Engines start side by side on a fresh machine and each may build the embedded model's files
+    into the same cache; every one of them must come up (one copy wins, the others are dropped)."""
+    env = {**os.environ, "MICROSERVE_CACHE": str(tmp_path)}
+    code = "from microserve.model_files import embedded_model_dir; print(embedded_model_dir())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(6)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 6, [e[-500:] for _, e in outs]
+    assert len({o.strip() for o, _ in outs}) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["embedded-tiny-llama-v2"]  # no temporary copies left
