@@ -12,9 +12,10 @@ GEMM and fused layer ops (model/csrc), one shared library compiled for this mach
   pinned to one core would otherwise compile on one), and ninja from the `ninja` package that
   microserve depends on, not whichever is first on PATH. One line says it started and about how
   long it takes, a heartbeat follows every 10 s, and the last line says how long it took.
-- **Failures.** A failed build is remembered under the same key (a changed source or compiler is a
-  new key) and reported as a warning; the engine then uses the torch path. With
-  `MICROSERVE_REQUIRE_KERNELS=1` (CI) a failed build raises instead, so nothing falls back silently.
+- **Failures.** A build the compiler refused is remembered under the same key (a changed source or
+  compiler is a new key; a killed or timed-out build is not remembered) and reported as a warning;
+  the engine then uses the torch path. With `MICROSERVE_REQUIRE_KERNELS=1` (CI) a failed build
+  raises instead, so nothing falls back silently.
 """
 from __future__ import annotations
 
@@ -55,6 +56,11 @@ REQUIRE_ENV = "MICROSERVE_REQUIRE_KERNELS"
 
 class KernelBuildError(RuntimeError):
     """The kernels could not be built, and MICROSERVE_REQUIRE_KERNELS=1 asks for them."""
+
+
+class CompileError(RuntimeError):
+    """The compiler refused the sources: remembered under the cache key (a retry would fail the same
+    way). A build that was killed or timed out is not remembered."""
 
 
 def _compiler() -> tuple[str, str]:
@@ -167,8 +173,9 @@ def _compile(name: str, build_dir: str) -> None:
         # the compiler's diagnostics, not the Python traceback that follows them
         errors = [line for line in lines if " error: " in line or line.startswith(("FAILED", "ninja: build stopped"))]
         detail = "".join((errors or lines)[-25:])
-        raise RuntimeError(f"the kernel build failed after {took:.0f} s (exit {child.returncode}; "
-                           f"full log: {out_path}):\n{detail}")
+        error = CompileError if child.returncode > 0 else RuntimeError  # < 0: killed by a signal
+        raise error(f"the kernel build failed after {took:.0f} s (exit {child.returncode}; "
+                    f"full log: {out_path}):\n{detail}")
     with open(os.path.join(root, "microserve_cpu_build_seconds"), "w") as f:
         f.write(f"{took:.1f}")
     log.info("built CPU kernels in %.1f s (cached in %s)", took, build_dir)
@@ -220,7 +227,7 @@ def _build_or_load() -> None:
                     os.remove(os.path.join(build_dir, "lock"))
                 try:
                     _compile(name, build_dir)
-                except RuntimeError as e:
+                except CompileError as e:
                     with open(failed, "w") as f:
                         f.write(str(e))
                     raise
