@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 
 from conftest import STORIES, STORIES_HD32, kv_accounting
+from test_server import post
 from microserve.launch import EngineSpec, LocalLauncher, free_port
 
 NAME = "stories"
@@ -73,14 +74,6 @@ def fronts(tmp_path_factory):
     f = Fronts(tmp_path_factory.mktemp("fronts"))
     yield f
     f.launcher.stop()
-
-
-async def post(url: str, body, path: str = "/v1/completions", timeout: float = 60) -> tuple[int, dict]:
-    kw = {"data": body} if isinstance(body, (bytes, str)) else {"json": body}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url + path, timeout=aiohttp.ClientTimeout(total=timeout),
-                          headers={"Content-Type": "application/json"}, **kw) as r:
-            return r.status, await r.json(content_type=None)
 
 
 def assert_openai_error(body: dict, status: int, param: str | None, code: str) -> None:

@@ -229,6 +229,18 @@ def _headers(api_key: str | None) -> dict[str, str] | None:
 
 
 # ---- a whole run --------------------------------------------------------------------------------
+def concurrency_limit(most: int | None):
+    """`limited(coro)` awaits coro with at most `most` of them running at once (None: no limit)."""
+    sem = asyncio.Semaphore(most) if most else None
+
+    async def limited(coro):
+        if sem is None:
+            return await coro
+        async with sem:
+            return await coro
+    return limited
+
+
 async def run_load(requests: Sequence[SampleRequest], cfg: LoadConfig) -> LoadResult:
     """Send `requests` as `cfg` says and measure each. Returns one record per request, in order."""
     from tqdm.auto import tqdm
@@ -241,13 +253,7 @@ async def run_load(requests: Sequence[SampleRequest], cfg: LoadConfig) -> LoadRe
                                      read_bufsize=1 << 20) as session:
         model = cfg.model or (await get_model_info(session, cfg.base_url, headers))["id"]
         payloads = [build_payload(r, model, cfg) for r in requests]  # bad inputs fail before any load
-        sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-
-        async def limited(coro):
-            if sem is None:
-                return await coro
-            async with sem:
-                return await coro
+        limited = concurrency_limit(cfg.max_concurrency)
 
         if cfg.num_warmups > 0 and requests:
             warm = [send_request(session, url, payloads[i % len(payloads)], requests[i % len(requests)],

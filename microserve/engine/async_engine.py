@@ -40,14 +40,17 @@ class AsyncEngine:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
 
     async def stop(self) -> None:
+        await self._cancel_loop()
+        self._executor.shutdown(wait=True)
+        self.engine.close()
+
+    async def _cancel_loop(self) -> None:
         if self._task:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
-        self.engine.close()
 
     async def call(self, fn: Callable, *args, **kw):
         """Run fn(*args) on the engine between steps."""

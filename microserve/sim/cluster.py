@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from microserve.bench.datasets import SampleRequest
-from microserve.bench.loadgen import LoadConfig, LoadResult, arrival_times, build_result
+from microserve.bench.loadgen import LoadConfig, LoadResult, arrival_times, build_result, concurrency_limit
 from microserve.bench.metrics import RequestRecord
 from microserve.config import EngineConfig, ModelConfig
 from microserve.router.client import EngineClient, RouterRequest
@@ -228,13 +228,7 @@ async def drive(cluster: SimCluster, requests: Sequence[SampleRequest], cfg: Loa
     the requests at Poisson (gamma) arrivals, capped by max_concurrency."""
     loop = asyncio.get_running_loop()
     strategy = cluster.strategy
-    sem = asyncio.Semaphore(cfg.max_concurrency) if cfg.max_concurrency else None
-
-    async def limited(coro):
-        if sem is None:
-            return await coro
-        async with sem:
-            return await coro
+    limited = concurrency_limit(cfg.max_concurrency)
 
     if warmups:
         recs = await asyncio.gather(*(limited(send(strategy, f"warm-{i}", r, cfg, i, loop.time()))

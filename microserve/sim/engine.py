@@ -273,10 +273,5 @@ class SimAsyncEngine(AsyncEngine):
             await asyncio.sleep(0)
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await self._cancel_loop()
         self._executor.shutdown(wait=False)
