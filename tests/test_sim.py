@@ -243,6 +243,41 @@ def test_cli_run_and_sweep(tmp_path, capsys):
     assert len(list((tmp_path / "sweep" / "runs").glob("*.json"))) == 4
 
 
+
+def test_a_bench_sweep_spec_runs_simulated_through_the_same_path(tmp_path):
+    """A `bench sweep` spec (what benchmarks/paper/ runs for real) simulated by `simulate_sweep`: bench
+    sweep's requests to the token, its result layout, and the paper harness's fidelity table over it."""
+    from microserve.bench.presets import MINIATURE_MODEL, PRESETS, model_dir
+    from microserve.bench.sweep import SweepSpec, build_workload, load_results
+    from microserve.sim.cli import simulate_sweep
+    cost = tmp_path / "cost.json"
+    cost.write_text(json.dumps({**LinearCostModel({"const": 0.02, "prefill_tokens": 2e-4, "decode_batch": 2e-4,
+                                                   "decode_context": 5e-6}, 8).to_json(),
+                                "model": MINIATURE_MODEL, "dtype": "bfloat16", "fit": {"median_rel_err": 0.03}}))
+    pre = PRESETS["miniature"]
+    w = pre.workloads["long"]
+    sweep = SweepSpec(strategies=["dp", "pd"], rates=[1.0, 2.0], model=pre.model, workload=w,
+                      result_dir=str(tmp_path / "real"), engines=pre.engines, pin_cores=True,
+                      engine_args=list(pre.engine_args), num_prompts=8, num_warmups=2, seed=3, preset="miniature")
+    out = simulate_sweep(sweep, str(cost), str(tmp_path / "sim"), ["--rpc-ms", "1"])
+    runs = load_results(out)
+    assert sorted((r["strategy"], r["request_rate"]) for r in runs) == [("dp", 1.0), ("dp", 2.0), ("pd", 1.0),
+                                                                         ("pd", 2.0)]
+    want = [r.prompt_len for r in build_workload(w, model_dir(pre.model, "miniature"), 8, 3)]
+    for r in runs:
+        assert r["completed"] == 8 and r["simulated"] and r["num_warmups"] == 2
+        assert r["input_lens"] == want and r["sim"]["cluster"]["rpc_s"] == 0.001
+        assert r["sim"]["cluster"]["max_model_len"] == 1024 and r["sim"]["cluster"]["engines"] == 2
+    sys.path.insert(0, str(ROOT / "benchmarks" / "paper"))
+    try:
+        from _sweep import fidelity_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks" / "paper"))
+    real = [dict(r, mean_e2el_ms=r["mean_e2el_ms"] * 1.05) for r in runs]
+    table, summary = fidelity_table(real, runs, ["dp", "pd"])
+    assert summary["points"] == 4 and summary["mean_within_10"] == 4 and summary["rates_ranked_alike_mean"] == 2
+    assert "-4.8%" in table and "| 2 | mean JCT |" in table
+
 # ---- cost and link models -----------------------------------------------------------------------------
 def test_roofline_is_in_the_papers_range():
     m70 = RooflineModel(MODELS["llama-3.1-70b-fp8"], GPUS["h100"], 4)

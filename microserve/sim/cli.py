@@ -289,8 +289,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
 def cmd_sweep(a: argparse.Namespace) -> int:
     from microserve.bench.metrics import parse_percentiles
     from microserve.bench.presets import Workload
-    from microserve.bench.sweep import run_filename, summarize
-    from microserve.sim.cluster import simulate
+    from microserve.bench.sweep import summarize
 
     _with_cwd_on_path()
     spec, preset = cluster_from_args(a)
@@ -302,26 +301,18 @@ def cmd_sweep(a: argparse.Namespace) -> int:
     percentiles = parse_percentiles("50,99")
     workload = Workload(a.dataset_name, a.random_input_len, a.random_output_len, a.random_range_ratio)
     runs_dir = os.path.join(a.result_dir, "runs")
-    os.makedirs(runs_dir, exist_ok=True)
     t0, n = time.perf_counter(), 0
     sim_total = 0.0
     for k in range(a.repeats):
         seed = a.seed + k
         a_k = argparse.Namespace(**{**vars(a), "seed": seed})
         reqs, ds_info = build_workload(a_k)
-        for rate in rates:
-            for strategy in a.strategies:
-                run = simulate(spec, strategy, reqs, load_config(a, spec, rate, seed), percentiles, False,
-                               {**ds_info, "repeat": k, "preset": a.preset, "engines": spec.engines,
-                                "workload": dataclasses.asdict(workload), "num_warmups": 0})
-                with open(os.path.join(runs_dir, run_filename(strategy, rate, k)), "w") as f:
-                    json.dump(run.result, f)
-                n += 1
-                sim_total += run.sim_s
-                r = run.result
-                print(f"seed {seed} rate {rate:g} {strategy}: mean JCT {r['mean_e2el_ms']:.0f} ms, P99 "
-                      f"{r['p99_e2el_ms']:.0f} ms ({r['completed']}/{r['num_prompts']}); {speed_line(run)}",
-                      file=sys.stderr)
+        dn, ds = sweep_runs(spec, a.strategies, rates, reqs, runs_dir,
+                            lambda rate, s=seed: load_config(a, spec, rate, s),
+                            {**ds_info, "preset": a.preset, "engines": spec.engines,
+                             "workload": dataclasses.asdict(workload), "num_warmups": 0}, repeat=k, seed=seed,
+                            percentiles=percentiles)
+        n, sim_total = n + dn, sim_total + ds
     wall = time.perf_counter() - t0
     print(f"{n} simulated runs in {wall:.1f} s wall: {sim_total:.0f} s of cluster time, {sim_total / wall:.0f}x",
           file=sys.stderr)
@@ -329,6 +320,89 @@ def cmd_sweep(a: argparse.Namespace) -> int:
                       a.strategies)
     print(table)
     return 0
+
+
+def sweep_runs(spec, strategies, rates, requests, runs_dir: str, make_cfg, extra: dict[str, Any], repeat: int = 0,
+               seed: int = 0, warmups=(), percentiles=(50.0, 99.0), detailed: bool = False) -> tuple[int, float]:
+    """The simulated sweep's loop, shared by `sim sweep` and `simulate_sweep` (a `bench sweep` spec
+    simulated): every (rate, strategy) on a fresh simulated cluster, strategies the inner loop as in
+    bench sweep, each result saved as runs_dir/<strategy>_<rate>qps_r<repeat>.json. Returns (runs,
+    simulated seconds)."""
+    from microserve.bench.sweep import run_filename
+    from microserve.sim.cluster import simulate
+
+    os.makedirs(runs_dir, exist_ok=True)
+    n, sim_total = 0, 0.0
+    for rate in rates:
+        for strategy in strategies:
+            run = simulate(spec, strategy, requests, make_cfg(rate), percentiles, detailed,
+                           {**extra, "strategy": strategy, "repeat": repeat}, warmups)
+            with open(os.path.join(runs_dir, run_filename(strategy, rate, repeat)), "w") as f:
+                json.dump(run.result, f)
+            n += 1
+            sim_total += run.sim_s
+            r = run.result
+            print(f"seed {seed} rate {rate:g} {strategy}: mean JCT {r['mean_e2el_ms']:.0f} ms, P99 "
+                  f"{r['p99_e2el_ms']:.0f} ms ({r['completed']}/{r['num_prompts']}); {speed_line(run)}",
+                  file=sys.stderr)
+    return n, sim_total
+
+
+def cluster_spec(argv: list[str]):
+    """(ClusterSpec, preset) from `microserve sim`'s cluster flags given as a list of strings."""
+    p = argparse.ArgumentParser(add_help=False)
+    add_cluster_args(p)
+    return cluster_from_args(p.parse_args(argv))
+
+
+# engine flags of a `bench sweep` preset that the simulated cluster takes too (same names)
+ENGINE_FLAGS = ("--max-model-len", "--max-num-batched-tokens", "--max-num-seqs", "--page-size", "--num-pages")
+
+
+def simulate_sweep(spec, cost_model: str, result_dir: str, sim_args: list[str] = ()) -> str:
+    """Simulate a `bench sweep` (a bench.sweep.SweepSpec): the same preset's cluster (engines, prefill
+    engines, the engine flags the simulator knows), the same requests, warm-ups, arrival seed, rates,
+    strategies and repeats, on simulated engines with the measured `cost_model` (a `sim calibrate`
+    JSON). `sim_args` are further `microserve sim` cluster flags (e.g. `--rpc-ms 1`). The runs land in
+    result_dir/runs in bench sweep's layout; returns result_dir."""
+    from microserve.bench.loadgen import LoadConfig
+    from microserve.bench.presets import model_dir
+    from microserve.bench.sweep import build_workload as bench_workload
+    from microserve.sim.presets import PRESETS
+
+    _with_cwd_on_path()
+    argv = ["--cost-model", cost_model, "--engines", str(spec.engines)]
+    if spec.preset in PRESETS:
+        argv += ["--preset", spec.preset]
+    if spec.prefill is not None:
+        argv += ["--prefill", str(spec.prefill)]
+    ea = list(spec.engine_args)
+    for i, flag in enumerate(ea[:-1]):
+        if flag in ENGINE_FLAGS:
+            argv += [flag, ea[i + 1]]
+    cluster, _ = cluster_spec(argv + list(sim_args))
+    path = model_dir(spec.model, spec.preset or "sweep")
+    w = spec.workload
+    requests = bench_workload(w, path, spec.num_prompts, spec.seed)  # bench sweep's requests, to the token
+    warmups = bench_workload(w, path, spec.num_warmups, spec.seed + 10_000) if spec.num_warmups else []
+
+    def make_cfg(rate: float) -> LoadConfig:
+        return LoadConfig(base_url=f"sim://{cluster.name}", model=cluster.model.name, request_rate=rate,
+                          ignore_eos=w.ignore_eos, temperature=w.temperature, top_p=w.top_p, seed=spec.seed,
+                          show_progress=False)
+    extra = {"preset": spec.preset, "engines": spec.engines, "engine_args": list(spec.engine_args),
+             "workload": dataclasses.asdict(w), "num_warmups": len(warmups), "cost_model": cost_model,
+             "sim_args": list(sim_args)}
+    t0 = time.perf_counter()
+    n = total = 0
+    for k in range(spec.repeats):  # bench sweep sends the same requests and arrivals every repeat
+        dn, ds = sweep_runs(cluster, spec.strategies, spec.rates, requests, os.path.join(result_dir, "runs"),
+                            make_cfg, extra, repeat=k, seed=spec.seed, warmups=warmups, percentiles=spec.percentiles,
+                            detailed=True)  # per-request lists, as bench sweep saves them
+        n, total = n + dn, total + ds
+    print(f"{n} simulated runs in {time.perf_counter() - t0:.1f} s wall: {total:.0f} s of cluster time",
+          file=sys.stderr)
+    return result_dir
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
