@@ -98,14 +98,15 @@ def build_payload(req: SampleRequest, model: str, cfg: LoadConfig) -> dict[str, 
     else:
         body["prompt"] = req.prompt
         body["max_tokens"] = req.output_len
-    if cfg.ignore_eos:
-        body["ignore_eos"] = True
-    if cfg.top_p is not None:
-        body["top_p"] = cfg.top_p
-    if cfg.top_k is not None:
-        body["top_k"] = cfg.top_k
+    body.update(sampling_fields(cfg))
     body.update(cfg.extra_body)
     return body
+
+
+def sampling_fields(cfg: LoadConfig) -> dict[str, Any]:
+    """The optional sampling fields a run sets on every request (beyond temperature and max_tokens)."""
+    return {k: v for k, v in (("ignore_eos", cfg.ignore_eos or None), ("top_p", cfg.top_p), ("top_k", cfg.top_k))
+            if v is not None}
 
 
 def _chunk_output(choice: dict, chat: bool) -> tuple[str, list[int] | None]:

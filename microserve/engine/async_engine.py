@@ -125,8 +125,12 @@ class AsyncEngine:
             finally:
                 self._stepping = False
                 self._idle.set()
-            for out in outputs:
-                q = self._streams.get(out.rid)
-                if q is not None:
-                    q.put_nowait(out)
+            self._deliver(outputs)
             await asyncio.sleep(0)  # let handlers run between steps
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs to the streams waiting for them."""
+        for out in outputs:
+            q = self._streams.get(out.rid)
+            if q is not None:
+                q.put_nowait(out)

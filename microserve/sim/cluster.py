@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from microserve.bench.datasets import SampleRequest
-from microserve.bench.loadgen import LoadConfig, LoadResult, arrival_times, build_result, concurrency_limit
+from microserve.bench.loadgen import (LoadConfig, LoadResult, arrival_times, build_result, concurrency_limit,
+                                      sampling_fields)
 from microserve.bench.metrics import RequestRecord
 from microserve.config import EngineConfig, ModelConfig
 from microserve.router.client import EngineClient, RouterRequest
@@ -169,14 +170,7 @@ class SimCluster:
 # ---- the client side --------------------------------------------------------------------------------
 def router_body(r: SampleRequest, cfg: LoadConfig) -> dict[str, Any]:
     """The sampling fields the router forwards (router/app.py FORWARD) for one bench request."""
-    body: dict[str, Any] = {"max_tokens": r.output_len, "temperature": cfg.temperature}
-    if cfg.ignore_eos:
-        body["ignore_eos"] = True
-    if cfg.top_p is not None:
-        body["top_p"] = cfg.top_p
-    if cfg.top_k is not None:
-        body["top_k"] = cfg.top_k
-    return body
+    return {"max_tokens": r.output_len, "temperature": cfg.temperature, **sampling_fields(cfg)}
 
 
 async def send(strategy: Router, rid: str, r: SampleRequest, cfg: LoadConfig, index: int, t0: float) -> RequestRecord:

@@ -266,10 +266,7 @@ class SimAsyncEngine(AsyncEngine):
             finally:
                 self._stepping = False
                 self._idle.set()
-            for out in outputs:
-                q = self._streams.get(out.rid)
-                if q is not None:
-                    q.put_nowait(out)
+            self._deliver(outputs)
             await asyncio.sleep(0)
 
     async def stop(self) -> None:
