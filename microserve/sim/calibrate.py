@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from microserve.sim.cost import FEATURES, LinearCostModel, StepShape, features, nnls
+from microserve.sim.cost import FEATURES, LinearCostModel, StepShape, batch_shape, features, nnls
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,6 @@ FULL_GRID = dict(prefill_lens=(16, 64, 128, 256, 512, 1024), prefill_starts=(0, 
                  extra_decode=((8, 960),), mixed=((4, 128), (4, 512), (16, 256)))
 QUICK_GRID = dict(prefill_lens=(16, 64, 200), prefill_starts=(0, 64), repeats=2, decode_batches=(1, 4, 8),
                   decode_contexts=(32, 128), decode_steps=4, extra_decode=(), mixed=((4, 64),))
-
-
-def _shape_of(batch) -> StepShape:
-    """The StepShape of a ScheduledBatch before it runs (as sim.engine.SimRunner.run forms it)."""
-    pt = ps = pa = pc = db = dc = sampled = 0
-    for req, n in zip(batch.requests, batch.num_tokens):
-        start = req.num_computed
-        stop = start + n
-        if n == 1:
-            db += 1
-            dc += stop
-        else:
-            pt, ps, pa, pc = pt + n, ps + 1, pa + n * start + n * (n + 1) // 2, pc + start
-        sampled += stop == len(req.token_ids) and not req.send_only
-    return StepShape(pt, ps, pa, pc, db, dc, sampled)
 
 
 class _Probe:
@@ -61,7 +46,7 @@ class _Probe:
 
         def schedule():
             batch = inner()
-            self._shape = _shape_of(batch)
+            self._shape = batch_shape(batch)
             return batch
         engine.scheduler.schedule = schedule  # this engine instance only
         self.n = 0

@@ -57,6 +57,21 @@ class StepShape:
                    decode_context=decode_batch * context_tokens, sampled=decode_batch + int(p > 0))
 
 
+def batch_shape(batch) -> StepShape:
+    """The StepShape of a scheduled batch (engine.scheduler.ScheduledBatch), before it runs: what
+    the simulator prices and what calibration records."""
+    pt = ps = pa = pc = db = dc = sampled = 0
+    for req, n in zip(batch.requests, batch.num_tokens):
+        start = req.num_computed
+        stop = start + n
+        if n == 1:
+            db, dc = db + 1, dc + stop
+        else:
+            pt, ps, pa, pc = pt + n, ps + 1, pa + n * start + n * (n + 1) // 2, pc + start
+        sampled += stop == len(req.token_ids) and not req.send_only
+    return StepShape(pt, ps, pa, pc, db, dc, sampled)
+
+
 class StepCostModel:
     """The interface: `cost(shape)` seconds for one step; `num_layers` for layer-wise overlap."""
     kind = "base"

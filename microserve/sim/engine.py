@@ -34,7 +34,7 @@ from microserve.engine.engine import Engine, EngineStats
 from microserve.engine.scheduler import ScheduledBatch, Scheduler
 from microserve.kv.cache import KVCache
 from microserve.kv.pool import KVPool
-from microserve.sim.cost import LinkModel, StepCostModel, StepShape
+from microserve.sim.cost import LinkModel, StepCostModel, StepShape, batch_shape
 from microserve.transfer.base import KVTransport, TransferStats
 
 if TYPE_CHECKING:
@@ -105,25 +105,16 @@ class SimRunner:
         return True
 
     def run(self, batch: ScheduledBatch):
-        pt = ps = pa = pc = db = dc = 0
         for req, n in zip(batch.requests, batch.num_tokens):
             start = req.num_computed
             stop = start + n
-            if n == 1:
-                db += 1
-                dc += stop
-            else:
-                pt += n
-                ps += 1
-                pa += n * start + n * (n + 1) // 2
-                pc += start
             if stop == len(req.token_ids) and not req.send_only:
                 self.sample_reqs.append(req)
             w = req.send
             if w is not None and start < w.end and stop > w.begin:
                 name = w.remote.name
                 self.layer_sends[name] = self.layer_sends.get(name, 0) + min(stop, w.end) - max(start, w.begin)
-        self.shape = StepShape(pt, ps, pa, pc, db, dc, len(self.sample_reqs))
+        self.shape = batch_shape(batch)
         self.compute_s = self.engine.cost.cost(self.shape)
         return None, self.sample_reqs, bool(self.layer_sends)
 
