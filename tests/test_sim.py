@@ -236,11 +236,14 @@ def test_cli_run_and_sweep(tmp_path, capsys):
     assert doc["completed"] == 20 and doc["strategy"] == "pd" and doc["random_input_len"] == 1000
     assert doc["sim"]["cluster"]["model"].startswith("Llama-3.1-8B") and "p50_e2el_ms" in doc
     assert main(["sweep", "--preset", "paper-8b", "--strategies", "dp", "pd", "--rates", "3", "6", "--num-prompts",
-                 "12", "--random-input-len", "800", "--random-output-len", "10", "--result-dir",
-                 str(tmp_path / "sweep")]) == 0
+                 "12", "--random-input-len", "800", "--random-output-len", "10", "--num-warmups", "3",
+                 "--result-dir", str(tmp_path / "sweep")]) == 0
     table = (tmp_path / "sweep" / "summary.md").read_text()
     assert "`pd`" in table and "mean JCT vs dp" in table
-    assert len(list((tmp_path / "sweep" / "runs").glob("*.json"))) == 4
+    runs = sorted((tmp_path / "sweep" / "runs").glob("*.json"))
+    assert len(runs) == 4
+    doc = json.loads(runs[0].read_text())
+    assert doc["num_warmups"] == 3 and doc["completed"] == 12  # warm-ups sent, and not counted
 
 
 

@@ -261,7 +261,7 @@ def cmd_sim(a: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
-    warm = reqs[:a.num_warmups] if a.num_warmups else []
+    warm = [reqs[i % len(reqs)] for i in range(a.num_warmups)] if reqs else []  # as loadgen cycles them
     cfg = load_config(a, spec, a.request_rate, a.seed)
     print(f"Simulating {spec.engines} x {spec.model.name} (TP{spec.tp}, {spec.cost.kind} cost model), strategy "
           f"{a.strategy}: {len(reqs)} {a.dataset_name} requests, rate {a.request_rate} req/s")
@@ -307,11 +307,12 @@ def cmd_sweep(a: argparse.Namespace) -> int:
         seed = a.seed + k
         a_k = argparse.Namespace(**{**vars(a), "seed": seed})
         reqs, ds_info = build_workload(a_k)
+        warmups = [reqs[i % len(reqs)] for i in range(a.num_warmups)] if reqs else []  # as loadgen cycles them
         dn, ds = sweep_runs(spec, a.strategies, rates, reqs, runs_dir,
                             lambda rate, s=seed: load_config(a, spec, rate, s),
                             {**ds_info, "preset": a.preset, "engines": spec.engines,
-                             "workload": dataclasses.asdict(workload), "num_warmups": 0}, repeat=k, seed=seed,
-                            percentiles=percentiles)
+                             "workload": dataclasses.asdict(workload), "num_warmups": len(warmups)}, repeat=k,
+                            seed=seed, warmups=warmups, percentiles=percentiles)
         n, sim_total = n + dn, sim_total + ds
     wall = time.perf_counter() - t0
     print(f"{n} simulated runs in {wall:.1f} s wall: {sim_total:.0f} s of cluster time, {sim_total / wall:.0f}x",
