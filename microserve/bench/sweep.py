@@ -279,8 +279,9 @@ def summarize(result_dir: str, title: str = "", baseline: str | None = "dp",
     table = markdown_table(agg, baseline, order)
     first = results[0]
     wl = first.get("workload") or {}
-    meta = (f"Workload: {wl.get('dataset')} (input {wl.get('input_len')}, output {wl.get('output_len')}, "
-            f"spread ±{100 * float(wl.get('range_ratio') or 0):g}%), {first['num_prompts']} requests per run, "
+    lengths = (f" (input {wl.get('input_len')}, output {wl.get('output_len')}, spread "
+               f"±{100 * float(wl.get('range_ratio') or 0):.2g}%)" if wl.get("dataset") == "random" else "")
+    meta = (f"Workload: {wl.get('dataset')}{lengths}, {first['num_prompts']} requests per run, "
             f"{first.get('num_warmups', 0)} warm-ups; preset {first.get('preset')}; "
             f"{max(r['n'] for r in agg.values())} repeat(s).") if wl else ""
     with open(out_md or os.path.join(result_dir, "summary.md"), "w") as f:
