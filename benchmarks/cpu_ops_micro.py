@@ -30,11 +30,10 @@ from unittest import mock
 import torch
 from torch import nn
 
-from _common import md_table, median_ms
-
 from microserve.attention.base import AttentionMetadata, ForwardContext
 from microserve.attention.cpu_backend import CPUPagedBackend
 from microserve.attention.torch_backend import TorchSDPABackend
+from microserve.bench.harness import md_table, median_ms
 from microserve.model import layers, packed_linear
 from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from microserve.model.packed_linear import PackedLinear

@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from _common import median_ms
+from microserve.bench.harness import median_ms
 
 
 def current(q, kv_layer, bt, lens, max_len, scale):

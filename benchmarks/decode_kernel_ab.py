@@ -22,8 +22,7 @@ import tempfile
 
 import torch
 
-from _common import ROOT, md_table, median_ms
-
+from microserve.bench.harness import ROOT, md_table, median_ms
 from microserve.kernels.build import CFLAGS, INCLUDE_DIRS  # the engine's own build flags and headers
 
 SOURCE = "microserve/attention/csrc/paged_decode.cpp"

@@ -43,14 +43,11 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from microserve.bench.harness import STORIES, machine, machine_line
+from microserve.config import EngineConfig
+from microserve.engine.engine import Engine
+from microserve.engine.sampling import SamplingParams
 
-from microserve.config import EngineConfig  # noqa: E402
-from microserve.engine.engine import Engine  # noqa: E402
-from microserve.engine.sampling import SamplingParams  # noqa: E402
-
-STORIES = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K")
 DUMMY_CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000, "hidden_size": 512,
     "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -182,9 +179,10 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="write all results here")
     a = ap.parse_args()
     import transformers
-    print(f"# engine vs transformers {transformers.__version__}, torch {torch.__version__}, nproc {os.cpu_count()}, "
-          f"prompt {a.prompt_len} tokens, output {a.output_len} tokens, {a.repeats} repeats after 1 warm-up, "
-          f"loadavg {os.getloadavg()[0]:.2f}", flush=True)
+    m = machine()
+    print(f"# engine vs transformers {transformers.__version__}, torch {torch.__version__}, "
+          f"prompt {a.prompt_len} tokens, output {a.output_len} tokens, {a.repeats} repeats after 1 warm-up\n"
+          f"# {machine_line(m)}", flush=True)
     g = torch.Generator().manual_seed(a.seed)
     counter = iter(range(10**9))
     results, profiles = [], {}
@@ -245,7 +243,7 @@ def main() -> int:
         print(f"\n### cProfile of one engine run, {key} (sorted by tottime)\n```\n{text.strip()}\n```")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"results": results, "profiles": profiles}, f, indent=2)
+            json.dump({"machine": m, "results": results, "profiles": profiles}, f, indent=2)
     return 0
 
 

@@ -18,8 +18,7 @@ import time
 
 import torch
 
-from _common import ROOT, md_table
-
+from microserve.bench.harness import md_table, shared_model
 from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
 from microserve.engine.sampling import SamplingParams
@@ -38,7 +37,7 @@ def timed(tree: PrefixTree, fn, spent: list[float]):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=str(ROOT.parent / "shared" / "models" / "stories260K-hd32"),
+    ap.add_argument("--model", default=shared_model("stories260K-hd32"),
                     help="a local Hugging Face model directory (default: ../shared/models/stories260K-hd32)")
     ap.add_argument("--rounds", type=int, default=24, help="rounds per engine (default 24)")
     ap.add_argument("--kv-cache-memory-mb", type=int, default=1024, help="per engine (default 1024, as served)")

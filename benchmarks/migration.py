@@ -25,17 +25,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import aiohttp  # noqa: E402
+import aiohttp
 
-from _common import loadavg, machine, median, model_desc, publish, spread, write_model  # noqa: E402
+from microserve.bench.harness import loadavg, machine, median, model_desc, publish, spread, write_model
 
 MODELS = {  # name: (hidden, intermediate, layers, heads, kv_heads)
     "large": (1024, 2816, 8, 16, 4),

@@ -22,18 +22,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import torch  # noqa: E402
+import torch
 
-from _common import loadavg, machine, median, model_desc, publish, spread, write_model  # noqa: E402
-from microserve.config import EngineConfig  # noqa: E402
-from microserve.engine.engine import Engine  # noqa: E402
-from microserve.engine.sampling import SamplingParams  # noqa: E402
+from microserve.bench.harness import loadavg, machine, median, model_desc, publish, spread, write_model
+from microserve.config import EngineConfig
+from microserve.engine.engine import Engine
+from microserve.engine.sampling import SamplingParams
 
 PAPER = {1000: (0.197, 1.247), 5000: (0.867, 1.564)}  # (T_transfer ms, T_layer ms) per layer, the paper
 GREEDY = SamplingParams(max_tokens=1, temperature=0.0)

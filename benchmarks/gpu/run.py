@@ -34,7 +34,6 @@ import gc
 import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -44,13 +43,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # runnable from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from microserve.attention.base import AttentionMetadata, ForwardContext  # noqa: E402
+try:
+    from microserve.attention.base import AttentionMetadata, ForwardContext
+    from microserve.bench.harness import command_line, machine, machine_line
+except ModuleNotFoundError as e:  # a bare checkout (the GPU machine): the package is not installed
+    if e.name is None or not e.name.startswith("microserve"):
+        raise
+    sys.exit("microserve is not importable: `pip install -e .`, or run this from the repository root as "
+             "`python -m benchmarks.gpu.run ...` (or with PYTHONPATH=.)")
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096,
@@ -521,8 +523,9 @@ class Bench:
         self.run_section("Engine vs HF transformers generate",
                          ["batch", "prompt", "new tokens", "engine s", "engine tok/s", "HF s", "HF tok/s",
                           "engine speedup", "first tokens agree"], self.generate, min_left_s=30)
+        m = machine()
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else \
-            f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+            f"CPU ({m['cpu']}, {torch.get_num_threads()} threads)"
         try:
             import triton
             triton_v = triton.__version__
@@ -530,6 +533,7 @@ class Bench:
             triton_v = "not installed"
         header = {
             "device": dev,
+            "run": f"`{command_line()}`; {machine_line(m)}",
             "model": (f"{self.mc.architecture}, {self.mc.num_layers} layers, hidden {self.mc.hidden_size}, "
                       f"{self.mc.num_heads}/{self.mc.num_kv_heads} q/kv heads, head_dim {self.mc.head_dim}, "
                       f"dummy {self.plan.dtype} weights" + (" (Llama-3.1-8B shape)" if self.plan.model is LLAMA_31_8B
@@ -538,7 +542,7 @@ class Bench:
             "KV pool": f"{self.pool.num_pages} pages x {self.pool.page_size} tokens, "
                        f"{self.kv_bytes_per_token() / 1e3:.1f} kB/token, transport {self.engine.transport.name}",
             "versions": f"torch {torch.__version__}, triton {triton_v}, transformers "
-                        f"{getattr(self, 'hf_version', 'n/a')}, python {platform.python_version()}",
+                        f"{getattr(self, 'hf_version', 'n/a')}, python {m['python']}",
             "model load": f"{self.load_s:.1f} s",
             "total time": f"{time.perf_counter() - t0:.1f} s",
         }

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from _sweep import DOCS, ROOT, now
 
+from microserve.bench.harness import command_line
+
 
 def run(script: str, args: list[str]) -> tuple[str, list[str], list[list[str]]]:
     """Run benchmarks/<script> with `args` + --no-write (output streamed through); returns the
@@ -58,8 +60,7 @@ def finish(name: str, title: str, fig, ax, started: str, cmd: str, header: list[
 def write(name: str, title: str, started: str, cmd: str, header: list[str], rows: list[list[str]],
           notes: str = "") -> Path:
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    body = (f"# {title}\n\n- command: `python {Path(sys.argv[0]).relative_to(ROOT) if Path(sys.argv[0]).is_absolute() else sys.argv[0]}"
-            f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`, which runs `{cmd}`\n"
+    body = (f"# {title}\n\n- command: `{command_line()}`, which runs `{cmd}`\n"
             f"- started: {started}\n- finished: {now()}\n\n" + "\n".join(md) + f"\n\n![{title}]({name}.png)\n")
     if notes:
         body += "\n" + notes.strip() + "\n"

@@ -15,18 +15,15 @@ import dataclasses
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from microserve.bench.plots import plot_sweep  # noqa: E402
-from microserve.bench.presets import MINIATURE_MODEL, PRESETS  # noqa: E402
-from microserve.bench.sweep import SweepSpec, aggregate, load_results, markdown_table, run_sweep  # noqa: E402
+from microserve.bench.harness import ROOT, command_line, machine_line
+from microserve.bench.plots import plot_sweep
+from microserve.bench.presets import MINIATURE_MODEL, PRESETS
+from microserve.bench.sweep import SweepSpec, aggregate, load_results, markdown_table, run_sweep
 
 DOCS = ROOT / "docs" / "paper"
 
@@ -75,13 +72,6 @@ def cost_model(a: argparse.Namespace, preset: str = "miniature") -> str | None:
     return path
 
 
-def machine_line() -> str:
-    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, commit {rev}, {os.cpu_count()} CPUs; "
-            f"`uptime`: `{up}`")
-
-
 def sweep(name: str, a: argparse.Namespace, strategies: list[str], workload: str = "long",
           preset: str = "miniature", result_sub: str = "") -> str:
     """Run (or resume) the sweep of `strategies` x a.rates on `preset`'s `workload`; returns the
@@ -115,7 +105,7 @@ def write_doc(name: str, title: str, a: argparse.Namespace, result_dir: str, str
     png = Path(a.out) / f"{name}.png"
     plot_sweep(agg, str(png), title, strategies)
     w = PRESETS[preset].workloads[workload]
-    cmd = " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *map(shlex.quote, sys.argv[1:])])
+    cmd = command_line()
     loads = [f"{r['load_average'][0]:.1f}" for r in results if r.get("load_average")]
     body = (f"# {title}\n\n"
             f"- command: `{cmd}`\n- started: {started}\n- finished: {machine_line()}\n"
@@ -188,7 +178,7 @@ def write_fidelity(name: str, title: str, a: argparse.Namespace, result_dir: str
     with open(a.compare_sim) as f:
         cost = json.load(f)
     coef = ", ".join(f"{k} {v:.3g}" for k, v in cost["coef"].items() if v)
-    cmd = " ".join(["python", os.path.relpath(sys.argv[0], ROOT), *map(shlex.quote, sys.argv[1:])])
+    cmd = command_line()
     body = (f"# {title}: real vs simulated\n\n- command: `{cmd}`; finished {machine_line()}\n"
             f"- cost model `{a.compare_sim}` (calibrated {cost.get('created')}, load average "
             f"{', '.join(f'{x:.1f}' for x in cost.get('machine', {}).get('load_average', []))}): {coef}; fit median "
@@ -203,6 +193,7 @@ def write_fidelity(name: str, title: str, a: argparse.Namespace, result_dir: str
 
 
 def now() -> str:
+    """The run's date, commit, CPUs and `uptime` (harness.machine_line), for a doc's started/finished lines."""
     return machine_line()
 
 

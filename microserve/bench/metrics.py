@@ -68,6 +68,14 @@ def percentile_label(p: float) -> str:
     return str(int(p)) if float(p).is_integer() else str(p)
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (q in 0..100) of `values`, interpolated linearly between the closest ranks
+    (numpy's default, the convention of `vllm bench serve`); nan when there are none. Every
+    percentile the project reports (bench results' p{P}_*_ms, the benchmark scripts' p99) is this one."""
+    a = np.asarray(values, dtype=np.float64)
+    return float(np.percentile(a, q)) if a.size else float("nan")
+
+
 def _summary(values_s: Sequence[float], stem: str, percentiles: Sequence[float]) -> dict[str, float]:
     a = np.asarray(values_s, dtype=np.float64) * 1000.0
     empty = a.size == 0  # no data (e.g. every request failed): zeros, as vLLM reports
@@ -75,7 +83,7 @@ def _summary(values_s: Sequence[float], stem: str, percentiles: Sequence[float])
            f"median_{stem}_ms": 0.0 if empty else float(np.median(a)),
            f"std_{stem}_ms": 0.0 if empty else float(a.std())}
     for p in percentiles:
-        out[f"p{percentile_label(p)}_{stem}_ms"] = 0.0 if empty else float(np.percentile(a, p))
+        out[f"p{percentile_label(p)}_{stem}_ms"] = 0.0 if empty else percentile(a, p)
     return out
 
 

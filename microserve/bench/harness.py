@@ -1,5 +1,14 @@
-"""Shared bits of the microserving benchmarks: the dummy-weight model config, machine facts, stats,
-and writing one benchmark's section of docs/bench_microserving.md (other sections are kept)."""
+"""The benchmark scripts' shared harness (benchmarks/*.py, benchmarks/paper/, benchmarks/gpu/).
+
+What every recorded result carries about its run (the command, date, commit, machine, load), the
+statistics the scripts report (median, spread, and `percentile`: metrics.percentile, the one
+convention `microserve bench` reports too), markdown tables, writing one benchmark's section of a
+doc, where raw output goes (benchmarks/results/, ignored by git), and a dummy-weight Llama config.
+
+Scripts import it from the installed package (`pip install -e .`), with no sys.path edits. It
+imports neither torch nor the engine. ROOT is the checkout the package runs from (an editable
+install): benchmarks/, docs/ and ../shared/models are found from it.
+"""
 from __future__ import annotations
 
 import json
@@ -7,17 +16,37 @@ import os
 import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from microserve.bench.metrics import percentile
+
+__all__ = ["DOC", "RESULTS", "ROOT", "STORIES", "Timer", "command_line", "loadavg", "machine", "machine_line",
+           "md_table", "median", "median_ms", "model_desc", "percentile", "publish", "results_dir", "run_header",
+           "shared_model", "spread", "uptime", "write_model", "write_section"]
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "benchmarks" / "results"  # raw output of the scripts: console logs, per-run JSON (git-ignored)
 DOC = ROOT / "docs" / "bench_microserving.md"
-STORIES = str(ROOT.parent / "shared" / "models" / "stories260K")
+
+
+def shared_model(name: str) -> str:
+    """A model directory of ../shared/models beside the checkout (stories260K, stories260K-hd32)."""
+    return str(ROOT.parent / "shared" / "models" / name)
+
+
+STORIES = shared_model("stories260K")
+
+
+def results_dir(name: str) -> str:
+    """benchmarks/results/<name>: the default folder for a script's raw output (git-ignored)."""
+    return str(RESULTS / name)
+
 
 HEADER = """# Microserving benchmarks: per-layer overlap, context migration, router overhead
 
@@ -29,6 +58,7 @@ recorded with it.
 """
 
 
+# ---- the model --------------------------------------------------------------------------------------
 def write_model(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, vocab: int = 8192,
                 max_pos: int = 8192, path: str | None = None) -> str:
     """A Llama config.json (dummy weights are generated from it) in a temp dir; returns the dir."""
@@ -51,13 +81,41 @@ def model_desc(hidden, intermediate, layers, heads, kv_heads, vocab=8192) -> str
             f"{per_layer * layers / 1e6:.0f}M layer params")
 
 
+# ---- the run: machine, commit, load, command ----------------------------------------------------------
 def loadavg() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split()[:3])
+    """The 1, 5 and 15-minute load averages, as /proc/loadavg gives them."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def uptime() -> str:
+    """`uptime`'s line (time, users, load averages); the load averages alone where it cannot run."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"load average: {loadavg()}"
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout (a copied tree)
+        return ""
+
+
+def _version(package: str) -> str:
+    mod = sys.modules.get(package)
+    if mod is not None and hasattr(mod, "__version__"):
+        return str(mod.__version__)
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "?"
+    """The facts every result records: date (UTC), CPUs, CPU model, torch and Python versions, the
+    commit and the files under microserve/ changed since it, and `uptime` (the load)."""
+    cpu = platform.processor() or platform.machine() or "?"
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -66,26 +124,29 @@ def machine() -> dict:
                     break
     except OSError:
         pass
-    import torch
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        rev = "?"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "microserve"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.split("\n")
-    dirty = [ln[3:] for ln in dirty if ln.strip()]
-    up = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    dirty = [ln[3:] for ln in _git("status", "--porcelain", "--", "microserve").split("\n") if ln.strip()]
+    torch = sys.modules.get("torch")  # its thread count only where the script runs torch
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(), "cpu": cpu,
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "commit": rev, "uptime": up, "dirty": dirty}
+            "torch": _version("torch"), "torch_threads": torch.get_num_threads() if torch else None,
+            "python": platform.python_version(), "commit": _git("rev-parse", "--short", "HEAD").strip() or "?",
+            "uptime": uptime(), "dirty": dirty}
 
 
 def command_line() -> str:
+    """This process's command as one reruns it from the checkout: `python benchmarks/... ARGS`."""
     rel = os.path.relpath(sys.argv[0], ROOT)
     return " ".join(["python", rel, *map(shlex.quote, sys.argv[1:])])
 
 
+def machine_line(m: dict | None = None) -> str:
+    """One line of `machine()`: date, commit, CPUs and `uptime`."""
+    m = m or machine()
+    return (f"{m['date']}, commit {m['commit']}" + (" (uncommitted changes)" if m["dirty"] else "")
+            + f", {m['nproc']} CPUs; `uptime`: `{m['uptime']}`")
+
+
 def run_header(m: dict, load_end: str) -> str:
+    """Markdown bullets of a run: its command, date and commit, machine, and the load at start and end."""
     return (f"- command: `{command_line()}`\n"
             f"- date: {m['date']}, commit {m['commit']}"
             + (f" plus uncommitted changes to {', '.join(m['dirty'])}"
@@ -94,17 +155,9 @@ def run_header(m: dict, load_end: str) -> str:
             f"- `uptime` at start: `{m['uptime']}`; load average at end: {load_end}\n")
 
 
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
-
-
-def pct(xs, q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
-    return s[k]
+# ---- statistics --------------------------------------------------------------------------------------
+def median(xs) -> float:
+    return percentile(xs, 50)
 
 
 def spread(xs, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
@@ -114,6 +167,28 @@ def spread(xs, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     return f"{fmt.format(median(xs) * scale)} ({fmt.format(min(xs) * scale)}-{fmt.format(max(xs) * scale)})"
 
 
+def median_ms(fn, reps: int, warmup: int = 3) -> float:
+    """Median wall milliseconds of fn() over reps calls, after warmup calls."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return median(ts) * 1e3
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *a):
+        self.s = time.perf_counter() - self.t0
+
+
+# ---- writing results ---------------------------------------------------------------------------------
 def md_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -144,24 +219,3 @@ def publish(key: str, title: str, header: list[str], rows: list[list], m: dict, 
     if not no_write:
         write_section(key, title, run_header(m, loadavg()) + setup + f"\n{table}\n" + notes, path)
     return table
-
-
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    """Median wall milliseconds of fn() over reps calls, after warmup calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *a):
-        self.s = time.perf_counter() - self.t0
