@@ -225,6 +225,16 @@ def test_result_has_bench_keys_and_sim_block():
     json.dumps(run.result)  # serializable
 
 
+def test_utilization_counts_warmup_steps_against_the_whole_run():
+    """Busy time includes the warm-ups' steps, so it is a share of all simulated time, not only of the
+    measured part (which once gave 104%)."""
+    warm = random_requests(30, 1000, 4, 0.0, (3, 512), 1)
+    run = simulate(spec(), "pd", random_requests(2, 100, 4, 0.0, (3, 512), 0), cfg(math.inf), warmups=warm)
+    engines = run.result["sim"]["engines"]
+    assert all(0 < e["utilization"] <= 1 for e in engines), engines
+    assert max(e["busy_s"] for e in engines) <= run.sim_s
+
+
 def test_cli_run_and_sweep(tmp_path, capsys):
     from microserve.sim.__main__ import main
     assert main(["--preset", "paper-8b", "--strategy", "pd", "--request-rate", "4", "--num-prompts", "20",

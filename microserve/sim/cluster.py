@@ -274,7 +274,7 @@ def simulate(spec: ClusterSpec, strategy: str, requests: Sequence[SampleRequest]
             end = asyncio.get_running_loop().time()
         finally:
             await cluster.stop()
-        return load, cluster.accounting(), cluster.engine_stats(load.duration), end
+        return load, cluster.accounting(), cluster.engine_stats(end), end  # busy time counts warm-ups too
 
     # A run makes ~10^5 short-lived objects per simulated minute, nearly all freed by refcount; the
     # cyclic collector's passes over the whole heap (torch's objects included) cost ~25% of a run.
