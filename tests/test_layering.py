@@ -24,8 +24,8 @@ print(json.dumps(sorted(sys.modules)))
 """
 
 
-def forbidden(modules: list[str]) -> list[str]:
-    return [m for m in modules if any(m == p or m.startswith(p + ".") for p in ROUTER_FORBIDDEN)]
+def forbidden(modules: list[str], packages: tuple[str, ...] = ROUTER_FORBIDDEN) -> list[str]:
+    return [m for m in modules if any(m == p or m.startswith(p + ".") for p in packages)]
 
 
 def test_router_never_imports_model_engine_or_torch(tmp_path):
@@ -36,6 +36,39 @@ def test_router_never_imports_model_engine_or_torch(tmp_path):
     modules = json.loads(out.stdout.strip().splitlines()[-1])
     assert "microserve.router.serve" in modules and "microserve.router.strategies.pd" in modules
     assert forbidden(modules) == []
+
+
+BENCH_FORBIDDEN = ("torch", "microserve.engine", "microserve.model", "microserve.attention", "microserve.kv",
+                   "microserve.sim")
+
+BENCH_IMPORTS = """
+import importlib, json, pkgutil, sys
+import microserve.bench
+for m in pkgutil.walk_packages(microserve.bench.__path__, "microserve.bench."):
+    importlib.import_module(m.name)
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_bench_is_a_client_never_the_engine_or_torch():
+    """bench/ measures servers over HTTP: importing any of its modules loads neither torch nor the
+    engine, and no bench module names them even in a lazy import (the in-process step timing is
+    sim/calibrate.py's)."""
+    import ast
+    from pathlib import Path
+
+    out = subprocess.run([sys.executable, "-c", BENCH_IMPORTS], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    modules = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "microserve.bench.harness" in modules and "microserve.bench.presets" in modules
+    assert forbidden(modules, BENCH_FORBIDDEN) == []
+    named = []
+    for f in sorted((Path(__file__).resolve().parents[1] / "microserve" / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            named += [f"{f.name}: {n}" for n in forbidden(names, BENCH_FORBIDDEN)]
+    assert named == []
 
 
 def test_forbidden_matches_packages_not_prefixes():

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sweep import DOCS, now  # noqa: E402
-from microserve.bench.presets import PRESETS, measure_engine  # noqa: E402
+from _sweep import DOCS, now
+
+from microserve.bench.harness import command_line
+from microserve.bench.presets import PRESETS
+from microserve.sim.calibrate import measure_engine
 
 PAPER = ("Llama-3.1-70B FP8, TP4 on H100: prefill of 3000 tokens 0.15-0.2 s, decode ~10 ms/step, so 100 "
          "tokens ~1 s: prefill:decode ~1:6")
@@ -40,8 +40,7 @@ def main() -> int:
             for b, s in step.items()]
     rows += [f"| prefill {n} tokens | {s * 1e3:.0f} ms | {n / s:.0f} tok/s | "
              f"prefill:decode({w.output_len}) = 1:{t_dec / s:.1f} |" for n, s in r["prefill_s"].items()]
-    body = (f"# The CPU miniature preset, measured\n\n- command: `python benchmarks/paper/preset.py "
-            f"{' '.join(sys.argv[1:])}`\n- {started}; finished {now()}\n"
+    body = (f"# The CPU miniature preset, measured\n\n- command: `{command_line()}`\n- {started}; finished {now()}\n"
             f"- preset `{pre.name}`: {pre.doc}\n- model: {r['params'] / 1e6:.1f}M parameters, "
             f"{r['weight_bytes'] / 2**20:.0f} MiB of weights ({dtype}); engine flags `{' '.join(pre.engine_args)}`\n"
             f"- one engine, core {a.core}, one torch thread; decode contexts of {w.input_len} tokens; medians of "

@@ -1,17 +1,17 @@
-"""Named cluster presets for `microserve bench sweep`, and the engine-speed probe that sizes them.
+"""Named cluster presets for `microserve bench sweep`.
 
 A preset fixes what a sweep brings up (model, engine count, engine flags, core pinning) and the
 workload it sends, so a result names one reproducible setting. `miniature` is the paper's
 experiment shrunk onto a CPU: two engines, one core and one torch thread each, dummy weights of a
 Llama-architecture config. How its size and lengths were chosen is in docs/benchmarks_paper.md;
-`measure_engine` is the probe used for it (decode step time by batch, prefill tokens/s).
+the probe used for it (decode step time by batch, prefill tokens/s) is `sim.calibrate.measure_engine`,
+with the simulator's step timing: this module, like the rest of bench/, is a client and never loads
+the engine or torch.
 """
 from __future__ import annotations
 
 import json
 import os
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,75 +104,6 @@ def model_dir(model: str | dict[str, Any], name: str) -> str:
         except OSError:  # another process won the race; its copy is identical
             pass
     return path
-
-
-# ---- the probe ----------------------------------------------------------------------------------
-def measure_engine(model: str | dict[str, Any], core: int | None = 0, prefill_lens: tuple[int, ...] = (256,),
-                   batches: tuple[int, ...] = (1, 4, 16), context: int = 256, steps: int = 20,
-                   engine_args: dict[str, Any] | None = None, repeats: int = 3) -> dict[str, Any]:
-    """Time one engine in this process, pinned to `core` with one torch thread (as `up --pin-cores`).
-
-    Returns {"prefill_s": {len: median seconds to prefill a fresh prompt of that length},
-    "decode_step_s": {batch: median seconds of one decode step with that many requests each holding
-    `context` tokens}, "params": parameter count, "weight_bytes": bytes of weights}. Prompts are
-    random token ids (no prefix-cache hits); the sampler is the paper's (temperature 0.6, top_p 0.9).
-    Changes this process's CPU affinity and torch thread count.
-    """
-    import torch
-
-    from microserve.config import EngineConfig
-    from microserve.engine.engine import Engine
-    from microserve.engine.sampling import SamplingParams
-
-    path = model_dir(model, "probe")
-    kw = dict(model=path, load_format="dummy", num_threads=1, cpu_affinity=[core] if core is not None else None,
-              kv_transport="none", max_num_batched_tokens=8192, kv_cache_memory_mb=1024)
-    kw.update(engine_args or {})
-    eng = Engine(EngineConfig(**kw))
-    vocab = eng.model_config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    n_req = [0]
-
-    def ids(n: int) -> list[int]:
-        return torch.randint(3, vocab, (n,), generator=gen).tolist()
-
-    def add(n: int, max_tokens: int) -> None:
-        n_req[0] += 1
-        eng.add_request(f"r{n_req[0]}", ids(n), SamplingParams(max_tokens=max_tokens, temperature=0.6, top_p=0.9,
-                                                                ignore_eos=True))
-
-    def drain() -> None:
-        while eng.has_work():
-            eng.step()
-
-    add(64, 4)
-    drain()  # warm-up: first passes are 10-50x slower
-    prefill: dict[int, float] = {}
-    for n in prefill_lens:
-        ts = []
-        for _ in range(repeats):
-            add(n, 1)
-            t0 = time.perf_counter()
-            drain()  # one token out: the step that prefills also samples it
-            ts.append(time.perf_counter() - t0)
-        prefill[n] = statistics.median(ts)
-    decode: dict[int, float] = {}
-    for b in batches:
-        for _ in range(b):
-            add(context, steps + 2)
-        eng.step()  # prefill all of them (budget allows), first token each
-        eng.step()
-        ts = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            eng.step()
-            ts.append(time.perf_counter() - t0)
-        drain()
-        decode[b] = statistics.median(ts)
-    n_params = sum(p.numel() for p in eng.model.parameters())
-    n_bytes = sum(p.numel() * p.element_size() for p in eng.model.parameters())
-    eng.close()
-    return {"prefill_s": prefill, "decode_step_s": decode, "params": n_params, "weight_bytes": n_bytes}
 
 
 # Sized by the ratio rule (docs/benchmarks_paper.md): on one core, T_prefill(640 tokens) is about

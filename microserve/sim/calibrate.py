@@ -9,9 +9,9 @@ it. A non-negative least-squares fit on relative error gives the coefficients of
 `LinearCostModel`; the JSON also keeps the raw points (to refit), the fit's error, the machine,
 the engine flags and a measured memcpy bandwidth for the shared-memory KV link.
 
-This is the measuring that bench/presets.py's `measure_engine` does for sizing the miniature
-(prefill seconds by length, decode step by batch); it belongs here, with the simulator's cost
-models, and `measure_engine` can move onto it.
+`measure_engine`, the probe the miniature preset was sized with (bench/presets.py; prefill seconds
+by length, decode step by batch, benchmarks/paper/preset.py), times its steps through the same
+probe: one step-timing path for the cost models and the preset.
 """
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ import dataclasses
 import json
 import logging
 import os
-import platform
+import statistics
 import time
+from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Iterator
 
+from microserve.bench.harness import machine
+from microserve.bench.metrics import percentile
 from microserve.sim.cost import FEATURES, LinearCostModel, StepShape, batch_shape, features, nnls
 
 log = logging.getLogger(__name__)
@@ -51,16 +54,21 @@ class _Probe:
         engine.scheduler.schedule = schedule  # this engine instance only
         self.n = 0
 
-    def step(self) -> None:
+    def step(self) -> float:
+        """One timed `Engine.step()`; returns its seconds."""
         t0 = time.perf_counter()
         self.engine.step()
         dt = time.perf_counter() - t0
         if self.record and self._shape is not None and self._shape.tokens:
             self.points.append((self._shape, dt))
+        return dt
 
-    def drain(self) -> None:
+    def drain(self) -> float:
+        """Step until the engine has no work; returns the seconds of those steps."""
+        total = 0.0
         while self.engine.has_work():
-            self.step()
+            total += self.step()
+        return total
 
     def add(self, ids: list[int], max_tokens: int) -> str:
         from microserve.engine.sampling import SamplingParams
@@ -91,16 +99,81 @@ def measure_link(nbytes: int = 64 << 20, run_bytes: int = 64 << 10, repeats: int
     return n * run_bytes / best
 
 
+@contextmanager
+def pinned_engine(path: str, core: int | None = 0, threads: int = 1, **config: Any) -> Iterator[Any]:
+    """An in-process `Engine` over dummy weights of the config at `path`, pinned to `core` with
+    `threads` torch threads (as `up --pin-cores` runs each engine), no KV transport; `config` is
+    more EngineConfig fields. Closed, and this process's CPU affinity and torch threads restored, on exit."""
+    import torch
+
+    from microserve.config import EngineConfig
+    from microserve.engine.engine import Engine
+
+    threads0, affinity0 = torch.get_num_threads(), os.sched_getaffinity(0)
+    eng = None
+    try:
+        eng = Engine(EngineConfig(**{"model": path, "load_format": "dummy", "num_threads": threads,
+                                     "cpu_affinity": [core] if core is not None else None, "kv_transport": "none",
+                                     **config}))
+        yield eng
+    finally:
+        if eng is not None:
+            eng.close()
+        torch.set_num_threads(threads0)
+        os.sched_setaffinity(0, affinity0)
+
+
+def _token_ids(eng, seed: int):
+    """ids(n): n random token ids of the engine's vocabulary past the special ones (no cache hits)."""
+    import torch
+    gen, vocab = torch.Generator().manual_seed(seed), eng.model_config.vocab_size
+    return lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()
+
+
+def measure_engine(model: str | dict[str, Any], core: int | None = 0, prefill_lens: tuple[int, ...] = (256,),
+                   batches: tuple[int, ...] = (1, 4, 16), context: int = 256, steps: int = 20,
+                   engine_args: dict[str, Any] | None = None, repeats: int = 3) -> dict[str, Any]:
+    """Time one engine in this process, pinned to `core` with one torch thread (as `up --pin-cores`).
+
+    Returns {"prefill_s": {len: median seconds to prefill a fresh prompt of that length},
+    "decode_step_s": {batch: median seconds of one decode step with that many requests each holding
+    `context` tokens}, "params": parameter count, "weight_bytes": bytes of weights}. Prompts are
+    random token ids (no prefix-cache hits); the sampler is the paper's (temperature 0.6, top_p 0.9).
+    Steps are timed by the calibration's probe (`Engine.step()` whole).
+    """
+    from microserve.bench.presets import model_dir
+
+    config = {"max_num_batched_tokens": 8192, "kv_cache_memory_mb": 1024, **(engine_args or {})}
+    with pinned_engine(model_dir(model, "probe"), core, 1, **config) as eng:
+        probe, ids = _Probe(eng), _token_ids(eng, 0)
+        probe.add(ids(64), 4)
+        probe.drain()  # warm-up: first passes are 10-50x slower
+        prefill: dict[int, float] = {}
+        for n in prefill_lens:
+            ts = []
+            for _ in range(repeats):
+                probe.add(ids(n), 1)
+                ts.append(probe.drain())  # one token out: the step that prefills also samples it
+            prefill[n] = statistics.median(ts)
+        decode: dict[int, float] = {}
+        for b in batches:
+            for _ in range(b):
+                probe.add(ids(context), steps + 2)
+            probe.step()  # prefill all of them (budget allows), first token each
+            probe.step()
+            decode[b] = statistics.median([probe.step() for _ in range(steps)])
+            probe.drain()
+        params = list(eng.model.parameters())
+        return {"prefill_s": prefill, "decode_step_s": decode, "params": sum(p.numel() for p in params),
+                "weight_bytes": sum(p.numel() * p.element_size() for p in params)}
+
+
 def calibrate(model: str | dict = "miniature", dtype: str = "bfloat16", core: int | None = 0, threads: int = 1,
               grid: dict | None = None, attention_backend: str = "auto", max_num_batched_tokens: int = 2048,
               page_size: int = 16, seed: int = 0, link: bool = True, progress=None) -> dict[str, Any]:
     """Profile the real engine and fit the linear cost model; returns the JSON document
     (LinearCostModel.from_json reads it). Restores this process's CPU affinity and torch threads."""
-    import torch
-
     from microserve.bench.presets import MINIATURE_MODEL, model_dir
-    from microserve.config import EngineConfig
-    from microserve.engine.engine import Engine
 
     g = dict(FULL_GRID, **(grid or {}))
     cfg_dict = MINIATURE_MODEL if model == "miniature" else model
@@ -110,21 +183,11 @@ def calibrate(model: str | dict = "miniature", dtype: str = "bfloat16", core: in
         hf = json.load(f)
     longest = max(max(g["prefill_lens"]) + max(g["prefill_starts"]),
                   *(c for c in g["decode_contexts"]), *(c for _, c in g["extra_decode"]), 64) + 64
-    threads0, affinity0 = torch.get_num_threads(), os.sched_getaffinity(0)
-    eng = Engine(EngineConfig(model=path, load_format="dummy", dtype=dtype, num_threads=threads,
-                              cpu_affinity=[core] if core is not None else None, kv_transport="none",
-                              attention_backend=attention_backend, max_num_batched_tokens=max_num_batched_tokens,
-                              page_size=page_size, max_model_len=max(longest, 256), kv_cache_memory_mb=512,
-                              seed=seed))
     t_start = time.perf_counter()
-    try:
-        probe = _Probe(eng)
-        vocab = eng.model_config.vocab_size
-        gen = torch.Generator().manual_seed(seed)
-
-        def ids(n: int) -> list[int]:
-            return torch.randint(3, vocab, (n,), generator=gen).tolist()
-
+    with pinned_engine(path, core, threads, dtype=dtype, attention_backend=attention_backend,
+                       max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
+                       max_model_len=max(longest, 256), kv_cache_memory_mb=512, seed=seed) as eng:
+        probe, ids = _Probe(eng), _token_ids(eng, seed)
         say = progress or (lambda msg: None)
         probe.record = False
         probe.add(ids(64), 4)
@@ -159,18 +222,13 @@ def calibrate(model: str | dict = "miniature", dtype: str = "bfloat16", core: in
         points = probe.points
         layers = eng.model_config.num_layers
         n_params = sum(p.numel() for p in eng.model.parameters())
-    finally:
-        eng.close()
-        torch.set_num_threads(threads0)
-        os.sched_setaffinity(0, affinity0)
     model_fit = fit(points, layers)
     doc = model_fit.to_json()
     doc.update({
         "model_name": name, "model": hf, "dtype": dtype, "params": n_params,
         "engine": {"max_num_batched_tokens": max_num_batched_tokens, "page_size": page_size,
                    "attention_backend": attention_backend, "threads": threads, "core": core},
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                    "load_average": os.getloadavg(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {**machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "calibration_s": time.perf_counter() - t_start,
         "features": list(FEATURES),
@@ -198,7 +256,7 @@ def fit(points: list[tuple[StepShape, float]], layers: int = 1) -> LinearCostMod
     rel = np.abs(pred - t) / t
     ss_res, ss_tot = float(((pred - t) ** 2).sum()), float(((t - t.mean()) ** 2).sum())
     meta = {"fit": {"points": len(points), "median_rel_err": float(np.median(rel)),
-                    "p90_rel_err": float(np.percentile(rel, 90)), "max_rel_err": float(rel.max()),
+                    "p90_rel_err": percentile(rel, 90), "max_rel_err": float(rel.max()),
                     "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0}}
     return LinearCostModel({k: float(v) for k, v in zip(FEATURES, coef)}, layers, meta)
 
