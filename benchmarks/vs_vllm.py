@@ -20,6 +20,16 @@ vLLM runs through benchmarks/vllm_shim.py (the wheel's CLI needs it), eager mode
 on stories260K-hd32 (vLLM's CPU attention rejects stories260K's head_dim 8). microserve is given
 the same max_model_len and the same KV budget, once with --num-threads 1 (vLLM's model runs on one
 thread) and once with torch's default thread count.
+
+- `--client vllm` (the default) measures with `vllm bench serve` for both servers, vLLM's random
+  dataset (its prompts are decoded to text and re-encoded, so lengths vary); `--client microserve`
+  uses `microserve bench` with exact token-id prompts.
+- `--dummy llama-0.5b` serves a 0.5B Llama-shaped config with dummy weights on both engines
+  (`--load-format dummy`), with stories260K-hd32's tokenizer, which both accept; `--dtype` picks
+  fp32 or bf16 for both.
+- A server name ending in `-avx2` (e.g. `microserve-t1-avx2`) runs microserve's AVX2 kernel build
+  with torch's own kernels capped at AVX2 too (MICROSERVE_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=avx2):
+  an AVX2 machine emulated on an AVX-512 one.
 """
 from __future__ import annotations
 
@@ -37,6 +47,28 @@ from microserve.bench.harness import ROOT, machine, machine_line, results_dir, s
 from microserve.launch import EngineSpec, LocalLauncher
 
 DEFAULT_MODEL = shared_model("stories260K-hd32")
+# A realistic CPU-serving shape: Llama architecture, 0.53B parameters (24 layers of 1024, GQA 16/8
+# heads of 64, MLP 6144); the vocabulary is the tokenizer's (512), so nearly all weights are layers.
+DUMMY_SHAPES = {"llama-0.5b": {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 1024,
+    "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 64, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}}
+ISA_ENV = {"avx2": {"MICROSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"}}
+
+
+def dummy_model_dir(shape: str, tokenizer_from: str = DEFAULT_MODEL) -> str:
+    """A model directory for `shape` (config.json, no weights) under the microserve cache, with the
+    tokenizer files of `tokenizer_from` linked in: serve it with --load-format dummy."""
+    from microserve.bench.presets import model_dir
+    path = model_dir(DUMMY_SHAPES[shape], f"vs-vllm-{shape}")
+    for name in os.listdir(tokenizer_from):
+        if name.startswith(("tokenizer", "special_tokens")):
+            dst = os.path.join(path, name)
+            if not os.path.exists(dst):
+                os.symlink(os.path.join(tokenizer_from, name), dst)
+    return path
 
 
 # ---- process tree and memory ----------------------------------------------------------------------
@@ -78,16 +110,21 @@ def pss_mib(root: int) -> tuple[float, dict[int, float]]:
 # ---- servers --------------------------------------------------------------------------------------
 def server_spec(kind: str, a: argparse.Namespace) -> EngineSpec:
     """What the launcher starts for `kind`: vLLM's server as a foreign command line, or ours."""
+    dummy = ["--load-format", "dummy"] if a.dummy else []
     if kind == "vllm":
         return EngineSpec(a.model, name=kind, env={"VLLM_CPU_KVCACHE_SPACE": str(a.kv_gib)}, command=[
             a.vllm_python, str(ROOT / "benchmarks" / "vllm_shim.py"), "serve", a.model, "--host", "{host}",
-            "--port", "{port}", "--dtype", "float32", "--max-model-len", str(a.max_model_len), "--enforce-eager"])
-    args = ["--dtype", "float32", "--max-model-len", str(a.max_model_len), "--kv-cache-memory-mb", str(a.kv_gib * 1024)]
-    if kind == "microserve-t1":
+            "--port", "{port}", "--dtype", a.dtype, "--max-model-len", str(a.max_model_len), "--enforce-eager",
+            *dummy])
+    args = ["--dtype", a.dtype, "--max-model-len", str(a.max_model_len), "--kv-cache-memory-mb",
+            str(a.kv_gib * 1024), *dummy]
+    base, _, isa = kind.partition("-avx")
+    isa = f"avx{isa}" if isa else ""
+    if base == "microserve-t1":
         args += ["--num-threads", "1"]
-    elif kind != "microserve-default":
+    elif base != "microserve-default" or (isa and isa not in ISA_ENV):
         raise SystemExit(f"unknown server {kind!r}")
-    return EngineSpec(a.model, args=args, name=kind)
+    return EngineSpec(a.model, args=args, name=kind, env=ISA_ENV.get(isa, {}))
 
 
 def start_server(kind, a, port, log_path):
@@ -102,10 +139,19 @@ def start_server(kind, a, port, log_path):
 # ---- the load -------------------------------------------------------------------------------------
 def bench(url: str, a: argparse.Namespace, rate: float, num_prompts: int, seed: int, out_dir: str, name: str | None,
           label: str) -> tuple[dict | None, str, list[str]]:
-    cmd = [sys.executable, "-m", "microserve.cli", "bench", "--base-url", url, "--dataset-name", "random",
-           "--random-input-len", str(a.input_len), "--random-output-len", str(a.output_len),
-           "--num-prompts", str(num_prompts), "--request-rate", "inf" if math.isinf(rate) else f"{rate:g}",
-           "--ignore-eos", "--seed", str(seed), "--disable-tqdm", "--label", label]
+    """One load against `url` with the chosen client (vllm bench serve, or microserve bench with
+    token-id prompts); (its result JSON, its console output, the command)."""
+    common = ["--base-url", url, "--dataset-name", "random", "--random-input-len", str(a.input_len),
+              "--random-output-len", str(a.output_len), "--num-prompts", str(num_prompts),
+              "--request-rate", "inf" if math.isinf(rate) else f"{rate:g}", "--ignore-eos", "--seed", str(seed),
+              "--disable-tqdm", "--label", label]
+    if a.client == "vllm":
+        cmd = [a.vllm_python, str(ROOT / "benchmarks" / "vllm_shim.py"), "bench", "serve", "--backend", "vllm",
+               "--model", a.model, "--tokenizer", a.model, *common]
+        if name:
+            cmd += ["--save-result"]
+    else:
+        cmd = [sys.executable, "-m", "microserve.cli", "bench", *common]
     if name:
         cmd += ["--result-dir", out_dir, "--result-filename", name]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -124,6 +170,12 @@ def main() -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL,
                     help="a local Hugging Face model directory with head_dim >= 32, such as stories260K-hd32 "
                          "(default: ../shared/models/stories260K-hd32)")
+    ap.add_argument("--dummy", choices=sorted(DUMMY_SHAPES), default=None,
+                    help="serve this config with dummy weights instead of --model (its tokenizer: --model's)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: %(default)s)")
+    ap.add_argument("--client", default="vllm", choices=["vllm", "microserve"],
+                    help="vllm: `vllm bench serve` (vLLM's random dataset, text prompts); microserve: `microserve "
+                         "bench` with exact token-id prompts (default: %(default)s)")
     ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
     ap.add_argument("--servers", default="vllm,microserve-t1,microserve-default")
     ap.add_argument("--repeats", type=int, default=3)
@@ -139,12 +191,15 @@ def main() -> int:
     ap.add_argument("--out-dir", default=results_dir("vs_vllm"),
                     help="per-run JSON, server logs and summary.json (default: %(default)s, ignored by git)")
     a = ap.parse_args()
+    if a.dummy:
+        a.model = dummy_model_dir(a.dummy, a.model)
     os.makedirs(a.out_dir, exist_ok=True)
     rates = [math.inf if r == "inf" else float(r) for r in a.rates.split(",")]
     servers = a.servers.split(",")
     m = machine()
-    print(f"# vs_vllm: model {a.model}, {a.num_prompts} prompts of {a.input_len} token ids, {a.output_len} out, "
-          f"--ignore-eos, rates {a.rates}, repeats {a.repeats}\n# {machine_line(m)}", flush=True)
+    print(f"# vs_vllm: model {a.dummy or a.model} ({a.dtype}), client {a.client}, {a.num_prompts} prompts of "
+          f"{a.input_len} tokens, {a.output_len} out, --ignore-eos, rates {a.rates}, repeats {a.repeats}\n"
+          f"# {machine_line(m)}", flush=True)
     runs = []
     for rep in range(a.repeats):
         for kind in servers:
@@ -163,7 +218,7 @@ def main() -> int:
                     res, out, bcmd = bench(url, a, rate, a.num_prompts, i, a.out_dir, name, tag)
                     run["benches"][str(rate)] = {
                         "uptime_before": up, "cmd": " ".join(bcmd), "console": out,
-                        **({k: res[k] for k in KEYS + ("completed", "failed", "duration")} if res else {"error": out[-2000:]})}
+                        **({k: res.get(k) for k in KEYS + ("completed", "failed", "duration")} if res else {"error": out[-2000:]})}
                 total, per = pss_mib(server.pid)
                 run.update(pss_after_load_mib=total, pss_per_process_mib={str(k): round(v, 1) for k, v in per.items()})
             finally:
