@@ -28,7 +28,8 @@ thread) and once with torch's default thread count.
   (`--load-format dummy`), with stories260K-hd32's tokenizer, which both accept; `--dtype` picks
   fp32 or bf16 for both.
 - A server name ending in `-avx2` (e.g. `microserve-t1-avx2`) runs microserve's AVX2 kernel build
-  with torch's own kernels capped at AVX2 too (MICROSERVE_CPU_ISA=avx2, ATEN_CPU_CAPABILITY=avx2):
+  with torch's and oneDNN's own kernels capped at AVX2 too (MICROSERVE_CPU_ISA=avx2,
+  ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2):
   an AVX2 machine emulated on an AVX-512 one.
 """
 from __future__ import annotations
@@ -55,7 +56,8 @@ DUMMY_SHAPES = {"llama-0.5b": {
     "head_dim": 64, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
     "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
     "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}}
-ISA_ENV = {"avx2": {"MICROSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2"}}
+# torch dispatches its own kernels by ATEN_CPU_CAPABILITY, and oneDNN (linears, brgemm) by ONEDNN_MAX_CPU_ISA.
+ISA_ENV = {"avx2": {"MICROSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 
 
 def dummy_model_dir(shape: str, tokenizer_from: str = DEFAULT_MODEL) -> str:

@@ -41,9 +41,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-seqs", type=int, default=128, help="most requests running at once (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="turn off the radix prefix cache")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "cpu", "torch", "triton"],
-                   help="cpu: C++ paged decode and prefill kernels compiled on first use (CPU "
-                        "default when a compiler is present); torch: torch SDPA only; triton: Triton kernels "
-                        "(CUDA default) (default: %(default)s)")
+                   help="cpu: C++ paged decode and prefill kernels compiled on first use; torch: torch SDPA "
+                        "only; triton: Triton kernels (CUDA default). auto on CPU: each kernel where it "
+                        "measures at least as fast as torch on this machine (timed once, cached with the "
+                        "kernel build, logged at start-up) (default: %(default)s)")
+    g.add_argument("--linear-backend", default="auto", choices=["auto", "kernel", "torch"],
+                   help="CPU fp32 linear layers: kernel: oneDNN brgemm on blocked weights plus the fused "
+                        "layer ops; torch: oneDNN matmul / F.linear; auto: the kernel route where it "
+                        "measures at least as fast here (default: %(default)s)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="on CUDA, run decode steps eagerly instead of replaying CUDA graphs captured at start-up "
                         "(one per batch size 1, 2, 4, 8, 16, 24, ... up to --max-num-seqs, capped at 512; with "
@@ -71,6 +76,7 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         max_model_len=a.max_model_len,
         max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=a.max_num_seqs,
         enable_prefix_caching=not a.no_prefix_caching, attention_backend=a.attention_backend,
+        linear_backend=a.linear_backend,
         enforce_eager=a.enforce_eager,
         kv_transport=a.kv_transport, recv_lease_s=a.recv_lease_s, transfer_timeout_s=a.transfer_timeout_s,
         num_threads=a.num_threads,

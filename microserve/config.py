@@ -107,6 +107,7 @@ class EngineConfig:
     max_num_seqs: int = 128
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto | cpu | torch | triton
+    linear_backend: str = "auto"  # CPU fp32 linears: auto | kernel (brgemm) | torch
     enforce_eager: bool = False  # CUDA: no decode CUDA graphs (CPU never uses them)
     gpu_memory_utilization: float = 0.9  # CUDA: share of GPU memory for weights + activations + KV
     kv_transport: str = "auto"  # auto (shm on CPU, cuda_ipc on CUDA) | shm | nixl | cuda_ipc | none

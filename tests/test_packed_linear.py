@@ -90,15 +90,28 @@ def test_packed_linear_bf16():
 
 
 @needs_onednn
-def test_engine_model_is_packed_with_its_parameters_unchanged():
-    e = Engine(EngineConfig(model=STORIES, kv_transport="none", kv_cache_memory_mb=16))
+@pytest.mark.parametrize("backend", ["auto", "kernel", "torch"])
+def test_engine_model_is_packed_with_its_parameters_unchanged(backend):
+    if backend == "kernel" and kernel_error() is not None:
+        with pytest.raises(ValueError, match="linear-backend kernel needs"):
+            Engine(EngineConfig(model=STORIES, kv_transport="none", kv_cache_memory_mb=16, linear_backend=backend))
+        return
+    e = Engine(EngineConfig(model=STORIES, kv_transport="none", kv_cache_memory_mb=16, linear_backend=backend))
     try:
         m = e.model
         assert not [n for n, mod in m.named_modules() if type(mod) is nn.Linear]
         packed = [n for n, mod in m.named_modules() if isinstance(mod, PackedLinear)]
         assert len(packed) == 4 * m.cfg.num_layers + 1  # qkv, o, gate_up, down per layer, lm_head
-        if kernel_error() is None:  # the CPU default: fp32 weights laid out for the library's GEMM
-            assert all(m.get_submodule(n).weight_t is not None for n in packed)
+        routes = {n: m.get_submodule(n).weight_t is not None for n in packed}
+        if backend == "kernel":  # forced: every fp32 weight laid out for the library's GEMM
+            assert all(routes.values())
+        elif backend == "torch":
+            assert not any(routes.values())
+        # auto decides for the decoder layers together (their fused ops need every weight laid out)
+        layer_routes = {v for n, v in routes.items() if n.startswith("layers.")}
+        assert len(layer_routes) == 1
+        assert all((layer.fused is not None) == layer_routes.pop() for layer in m.layers[:1])
+        assert all((layer.fused is not None) == routes["layers.0.mlp.down_proj"] for layer in m.layers)
         assert m.lm_head.weight is m.embed_tokens.weight  # still tied
         names = {n for n, _ in m.named_parameters()}
         assert "layers.0.self_attn.qkv_proj.weight" in names and "embed_tokens.weight" in names

@@ -25,8 +25,12 @@ class CPUPagedBackend(TorchSDPABackend):
 
     name = "cpu"
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 use_decode: bool = True, use_prefill: bool = True) -> None:
         super().__init__(num_heads, num_kv_heads, head_dim, scale)
+        # Per phase, whether its kernel runs or the torch path does: `--attention-backend auto` sets
+        # them from a start-up measurement on this machine (kernels/selection.py).
+        self.use_decode, self.use_prefill = use_decode, use_prefill
         why = kernel_error()
         if why is not None:
             raise RuntimeError(f"the CPU attention kernels could not be built ({why}); use --attention-backend torch")
@@ -42,7 +46,7 @@ class CPUPagedBackend(TorchSDPABackend):
         torch.ops.microserve.store_kv(kv_layer, k, v, meta.slot_mapping)
 
     def _decode(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, out: torch.Tensor) -> None:
-        if not self._fits(q, kv_layer) or q.stride(-1) != 1:
+        if not self.use_decode or not self._fits(q, kv_layer) or q.stride(-1) != 1:
             super()._decode(q, kv_layer, meta, out)
             return
         # the kernel reads the first len(q) rows of the tables and lengths: the decodes' (no slicing)
@@ -50,7 +54,7 @@ class CPUPagedBackend(TorchSDPABackend):
 
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_layer: torch.Tensor,
                  meta: AttentionMetadata, out: torch.Tensor) -> None:
-        if not self._fits(q, kv_layer) or q.stride(-1) != 1 or not out.is_contiguous():
+        if not self.use_prefill or not self._fits(q, kv_layer) or q.stride(-1) != 1 or not out.is_contiguous():
             super()._prefill(q, k, v, kv_layer, meta, out)
             return
         nd = meta.num_decodes  # query_start_loc holds absolute rows of q, so its tail needs no rebasing

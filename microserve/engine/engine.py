@@ -70,7 +70,8 @@ class Engine:
                                    "cpu" if c.device == "auto" else c.device)
         self.dtype = resolve_dtype(c.dtype, mc, self.device)
         torch.manual_seed(c.seed)
-        self.model = load_model(self.model_path, mc, load_format, self.dtype, self.device, c.attention_backend, c.seed)
+        self.model = load_model(self.model_path, mc, load_format, self.dtype, self.device, c.attention_backend, c.seed,
+                                c.linear_backend)
         self.tokenizer = Tokenizer(self.model_path) if os.path.exists(
             os.path.join(self.model_path, "tokenizer.json")) else None
         self.eos_ids = set(mc.eos_token_ids)

@@ -1,9 +1,17 @@
 """Build, cache and load the CPU kernel library: attention kernels (attention/csrc) and the model's
-GEMM and fused layer ops (model/csrc), one shared library compiled for this machine on first use.
+GEMM and fused layer ops (model/csrc), one shared library compiled on first use, for one ISA variant.
 
-- **Cache.** `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/microserve_cpu_<key>/, where
-  the key hashes what the library's machine code depends on: every source and header, the flags,
-  the compiler (its path and `--version`), Python, torch and the CPU's ISA flags. A finished build
+- **ISA variants.** `avx512` (x86-64-v4), `avx2` (x86-64-v3: AVX2, FMA, F16C) and `generic`
+  (baseline x86-64, or the compiler's default target elsewhere: NEON on aarch64). The sources take
+  their vector width and register blocking from the target (attention/csrc/vec.h), so each
+  variant's inner loops fit its registers. `MICROSERVE_CPU_ISA=avx512|avx2|generic` picks one;
+  by default the best this CPU runs (its /proc/cpuinfo flags). One process loads one variant; a
+  variant the CPU cannot run is refused with IsaError before anything is built or loaded (a
+  SIGILL otherwise). torch's own kernels dispatch at run time: cap them with
+  `ATEN_CPU_CAPABILITY=avx2` beside `MICROSERVE_CPU_ISA=avx2` to time an AVX2 machine honestly.
+- **Cache.** `$TORCH_EXTENSIONS_DIR` (default ~/.cache/torch_extensions)/microserve_cpu_<isa>_<key>/,
+  where the key hashes what the library's machine code depends on: every source and header, the
+  variant's flags, the compiler (its path and `--version`), Python and torch. A finished build
   leaves a `done` marker; a start that finds it loads the library directly, without running
   ninja, so another ninja binary, PATH or working directory never rebuilds it.
 - **One builder.** Builders hold an flock on the cache directory (released by the kernel if a
@@ -45,7 +53,17 @@ SOURCES = [os.path.join(ATTENTION_CSRC, n) for n in ("paged_decode.cpp", "paged_
 # -O3 matters for the decode kernel (1.2-1.8x over -O2, docs/bench_engine.md). -ffast-math lets the
 # float reductions and expf vectorize (glibc's libmvec); it is a compile flag only: cpp_extension
 # links without it, so crtfastmath (which would flush denormals for the whole process) is never linked.
-CFLAGS = ["-O3", "-march=native", "-ffast-math"]
+# -Wno-psabi: vector values passed between inline functions on a narrower target warn about an ABI
+# that no caller outside the library sees.
+CFLAGS = ["-O3", "-ffast-math", "-Wno-psabi"]
+ISA_ENV = "MICROSERVE_CPU_ISA"
+ISAS = ("avx512", "avx2", "generic")  # best first
+# What each x86 variant's -march needs from /proc/cpuinfo (x86-64-v3 and -v4 as GCC defines them;
+# LZCNT is listed as abm).
+_V3 = {"avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"}
+_X86_NEEDS = {"avx512": _V3 | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}, "avx2": _V3,
+              "generic": set()}
+_X86_MARCH = {"avx512": "x86-64-v4", "avx2": "x86-64-v3", "generic": "x86-64"}
 # CPU-seconds of a build, measured on a 2-core Xeon (AVX-512) with GCC 12; the estimate before a
 # first build, scaled by the cores used. Later builds use the last measured time instead.
 _CPU_SECONDS = 55.0
@@ -56,6 +74,11 @@ REQUIRE_ENV = "MICROSERVE_REQUIRE_KERNELS"
 
 class KernelBuildError(RuntimeError):
     """The kernels could not be built, and MICROSERVE_REQUIRE_KERNELS=1 asks for them."""
+
+
+class IsaError(KernelBuildError):
+    """MICROSERVE_CPU_ISA names a variant that does not exist or that this CPU cannot run. Raised
+    whatever MICROSERVE_REQUIRE_KERNELS says: it is a configuration error, not a failed build."""
 
 
 class CompileError(RuntimeError):
@@ -76,18 +99,62 @@ def _compiler() -> tuple[str, str]:
     return os.path.realpath(path), out.strip()
 
 
-def _isa() -> str:
-    """The CPU's feature flags: -march=native code must not be loaded on another CPU that shares the cache."""
+def _x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("flags", "Features"))), "").strip()
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
     except OSError:
-        return platform.processor()
+        return set()
+    return set(line.partition(":")[2].split())
 
 
-def cache_key() -> str:
-    """What the built library depends on, hashed. Deliberately absent: ninja, PATH, the working
-    directory and where the package is installed (sources are hashed by content)."""
+def runnable_isas() -> list[str]:
+    """The variants this CPU can run, best first. Off x86 only `generic` (NEON is baseline on
+    aarch64). Without /proc/cpuinfo (not Linux), what torch's own dispatch detected."""
+    if not _x86():
+        return ["generic"]
+    flags = cpu_flags()
+    if not flags:
+        import torch
+        cap = torch.backends.cpu.get_cpu_capability().lower()  # "avx512", "avx2" or "default"
+        return [i for i in ISAS if i == "generic" or i == cap or (i == "avx2" and cap == "avx512")]
+    return [i for i in ISAS if _X86_NEEDS[i] <= flags]
+
+
+def isa() -> str:
+    """The variant this process builds and loads: $MICROSERVE_CPU_ISA, else the best this CPU runs.
+    Raises IsaError for an unknown name or one this CPU cannot run."""
+    want = os.environ.get(ISA_ENV, "").strip().lower()
+    runnable = runnable_isas()
+    if not want:
+        return runnable[0]
+    if want not in ISAS:
+        raise IsaError(f"{ISA_ENV}={want!r} is not a kernel variant (choose {', '.join(ISAS)})")
+    if want not in runnable:
+        missing = " ".join(sorted(_X86_NEEDS[want] - cpu_flags())) if _x86() else f"an x86 CPU ({platform.machine()})"
+        raise IsaError(f"{ISA_ENV}={want} asks for kernels this CPU cannot run (it lacks {missing}); "
+                       f"it runs: {', '.join(runnable)}")
+    return want
+
+
+def isa_cflags(variant: str) -> list[str]:
+    """The target flags of a variant; `generic` off x86 is the compiler's default target."""
+    if _x86():
+        return [f"-march={_X86_MARCH[variant]}", "-mtune=generic"]
+    if variant != "generic":
+        raise IsaError(f"the {variant} variant is x86 only")
+    return []
+
+
+def cache_key(variant: str | None = None) -> str:
+    """What the built library of `variant` (default: this process's) depends on, hashed.
+    Deliberately absent: ninja, PATH, the working directory, where the package is installed
+    (sources are hashed by content) and the exact CPU (the variant's flags name the target)."""
     import torch
     h = hashlib.sha256()
     files = sorted((name, os.path.join(d, name)) for d in INCLUDE_DIRS for name in os.listdir(d)
@@ -95,14 +162,21 @@ def cache_key() -> str:
     for name, path in files:
         with open(path, "rb") as f:
             h.update(name.encode() + b"\0" + hashlib.sha256(f.read()).digest())
-    for part in (" ".join(CFLAGS), *_compiler(), platform.machine(), platform.python_version(),
-                 torch.__version__, torch.version.git_version or "", _isa()):
+    flags = CFLAGS + isa_cflags(variant or isa())
+    for part in (" ".join(flags), *_compiler(), platform.machine(), platform.python_version(),
+                 torch.__version__, torch.version.git_version or ""):
         h.update(part.encode() + b"\0")
     return h.hexdigest()[:12]
 
 
-def library_name() -> str:
-    return f"microserve_cpu_{cache_key()}"
+def library_name(variant: str | None = None) -> str:
+    variant = variant or isa()
+    return f"microserve_cpu_{variant}_{cache_key(variant)}"
+
+
+def library_dir(variant: str | None = None) -> str:
+    """Where the variant's library is (or will be) built and cached, with what is kept beside it."""
+    return os.path.join(cache_root(), library_name(variant))
 
 
 def cache_root() -> str:
@@ -130,13 +204,13 @@ def _child_setup() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def _compile(name: str, build_dir: str) -> None:
+def _compile(name: str, build_dir: str, variant: str) -> None:
     """Run the build in a child process, logging a heartbeat. Raises RuntimeError with the compiler's
     last lines when it fails."""
     jobs = len(_all_cores())
     root = os.path.dirname(build_dir)
     estimate = _estimate_s(root, jobs)
-    log.info("building CPU kernels for this machine (once), about %.0f s", estimate)
+    log.info("building CPU kernels for this machine (once), about %.0f s (the %s variant)", estimate, variant)
     env = dict(os.environ)
     with contextlib.suppress(ImportError):  # the ninja our package depends on, not whichever is on PATH
         import ninja
@@ -146,7 +220,7 @@ def _compile(name: str, build_dir: str) -> None:
     t0 = time.monotonic()
     with open(out_path, "w") as out:
         argv = [sys.executable, "-m", "microserve.kernels.build", "--name", name, "--build-dir", build_dir,
-                "--cflags", " ".join(CFLAGS), "--include", *INCLUDE_DIRS, "--sources", *SOURCES]
+                "--cflags", " ".join(CFLAGS + isa_cflags(variant)), "--include", *INCLUDE_DIRS, "--sources", *SOURCES]
         child = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env,
                                  preexec_fn=_child_setup)
         try:
@@ -208,9 +282,9 @@ def _wait_for_lock(lock, build_dir: str) -> None:
             beat += _HEARTBEAT_S
 
 
-def _build_or_load() -> None:
+def _build_or_load(variant: str) -> None:
     import torch
-    name = library_name()
+    name = library_name(variant)
     build_dir = os.path.join(cache_root(), name)
     so, done, failed = (os.path.join(build_dir, f) for f in (f"{name}.so", "done", "failed"))
     if not os.path.exists(done):
@@ -226,7 +300,7 @@ def _build_or_load() -> None:
                 with contextlib.suppress(FileNotFoundError):  # cpp_extension's lock, left by a killed build
                     os.remove(os.path.join(build_dir, "lock"))
                 try:
-                    _compile(name, build_dir)
+                    _compile(name, build_dir, variant)
                 except CompileError as e:
                     with open(failed, "w") as f:
                         f.write(str(e))
@@ -236,17 +310,19 @@ def _build_or_load() -> None:
     torch.ops.load_library(so)
 
 
-_loaded = False
+_loaded: str | None = None  # the variant loaded into this process
 
 
 @functools.cache
 def kernel_error() -> str | None:
-    """Build (or load from the cache) the CPU kernels. None when `torch.ops.microserve` has them,
-    else why not. Raises KernelBuildError instead when MICROSERVE_REQUIRE_KERNELS=1."""
+    """Build (or load from the cache) the CPU kernels of this process's variant (isa()). None when
+    `torch.ops.microserve` has them, else why not. Raises KernelBuildError instead when
+    MICROSERVE_REQUIRE_KERNELS=1, and IsaError (always) for a variant this CPU cannot run."""
     global _loaded
+    variant = isa()  # outside the try: a variant the CPU cannot run is an error, never a fallback
     try:
-        _build_or_load()
-        _loaded = True
+        _build_or_load(variant)
+        _loaded = variant
         return None
     except Exception as e:  # noqa: BLE001 - any build failure means "use the torch path", loudly
         if os.environ.get(REQUIRE_ENV, "") not in ("", "0"):
@@ -256,8 +332,12 @@ def kernel_error() -> str | None:
 
 
 def kernels_loaded() -> bool:
-    """Whether this process has the CPU kernels loaded, without building them: the model's fused
-    layer ops use them exactly when something chose them (the cpu attention backend, a test)."""
+    """Whether this process has the CPU kernels loaded, without building them."""
+    return _loaded is not None
+
+
+def loaded_isa() -> str | None:
+    """The variant this process loaded, or None."""
     return _loaded
 
 

@@ -16,7 +16,10 @@ import torch
 from torch import nn
 
 from microserve.attention.base import get_backend
+from microserve.attention.cpu_backend import CPUPagedBackend
 from microserve.config import ModelConfig
+from microserve.kernels.build import loaded_isa
+from microserve.kernels.selection import Choice, choose_attention
 from microserve.model.layers import RotaryEmbedding
 from microserve.model.llama import LlamaForCausalLM
 from microserve.model.packed_linear import pack_linears
@@ -86,7 +89,9 @@ def safetensors_weights(path: str):
 
 
 def load_model(path: str, cfg: ModelConfig, load_format: str, dtype: torch.dtype, device: torch.device,
-               attention_backend: str = "auto", seed: int = 0) -> LlamaForCausalLM:
+               attention_backend: str = "auto", seed: int = 0, linear_backend: str = "auto") -> LlamaForCausalLM:
+    """On CPU, `auto` backends keep each compiled kernel only where it measures at least as fast as
+    the torch path it replaces on this machine (kernels/selection.py); the choice is logged once."""
     backend = get_backend(attention_backend, device, num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
                           head_dim=cfg.head_dim, scale=cfg.head_dim ** -0.5)
     with torch.device("meta"), _skip_init():
@@ -106,6 +111,15 @@ def load_model(path: str, cfg: ModelConfig, load_format: str, dtype: torch.dtype
     else:
         raise ValueError(f"unknown load format {load_format!r} (choose auto, safetensors, dummy)")
     if device.type == "cpu":
-        pack_linears(model)  # after loading: the packed copies are taken from the loaded weights
+        choices = {}
+        if isinstance(backend, CPUPagedBackend):
+            if attention_backend == "auto":
+                choices.update(choose_attention(backend, dtype))
+            else:
+                choices.update(decode=Choice(True, how="forced"), prefill=Choice(True, how="forced"))
+        choices.update(pack_linears(model, linear_backend))  # after loading: packed from the loaded weights
         model.bind_fused()
+        if choices:
+            log.info("CPU kernels (%s variant): %s", loaded_isa(),
+                     "; ".join(f"{name} {c.describe()}" for name, c in choices.items()))
     return model.eval()

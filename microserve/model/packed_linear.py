@@ -18,6 +18,7 @@ their size in memory. Weights must not change after `pack_linears` (loading happ
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -37,12 +38,15 @@ class PackedLinear(nn.Module):
     `weight_t` is set on the brgemm route, else None: the weight transposed, [in, out], with its
     elements in the GEMM's block order (model/csrc/gemm.h), so not usable as a plain matrix."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, kernel: bool | None = None) -> None:
+        """kernel: take the brgemm route (needs fp32 and the kernel library); None: wherever it can."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias  # the same Parameters (ties survive)
         w = self.weight.detach()
-        self.weight_t = torch.ops.microserve.gemm_pack(w) if brgemm_route(w.dtype) else None
+        if kernel is None:
+            kernel = brgemm_route(w.dtype)
+        self.weight_t = torch.ops.microserve.gemm_pack(w) if kernel and brgemm_route(w.dtype) else None
         self.packed = None if self.weight_t is not None else torch.ops.mkldnn._reorder_linear_weight(w)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,17 +81,47 @@ def packing_error(dtype: torch.dtype) -> str | None:
         return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def pack_linears(model: nn.Module) -> int:
-    """Replace every nn.Linear in a CPU model by a PackedLinear; returns how many were replaced
-    (0 where oneDNN cannot take the model's dtype, which then keeps plain F.linear)."""
+def pack_linears(model: nn.Module, backend: str = "auto") -> dict:
+    """Replace every nn.Linear in a CPU model by a PackedLinear. `backend` picks the route of fp32
+    linears when the kernel library is loaded: `kernel` (brgemm, and with it the fused layer ops),
+    `torch` (oneDNN matmul / F.linear), or `auto`: brgemm only where it measures at least as fast
+    as the torch route here (kernels/selection.py), decided for the decoder layers' linears together
+    and for each other weight shape (lm_head) alone. Returns the choices by group, for the log
+    (empty where oneDNN cannot take the dtype and F.linear stays)."""
+    from microserve.kernels.selection import Choice, choose_layer, choose_linear
+    if backend not in ("auto", "kernel", "torch"):
+        raise ValueError(f"unknown linear backend {backend!r} (choose auto, kernel or torch)")
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     if not linears:
-        return 0
-    why = None if brgemm_route(linears[0][1].weight.dtype) else packing_error(linears[0][1].weight.dtype)
+        return {}
+    dtype = linears[0][1].weight.dtype
+    if backend == "kernel" and not brgemm_route(dtype):
+        raise ValueError(f"--linear-backend kernel needs fp32 weights and the CPU kernel library "
+                         f"(dtype {str(dtype).removeprefix('torch.')}, kernels loaded: {kernels_loaded()})")
+    why = None if brgemm_route(dtype) else packing_error(dtype)
     if why is not None:
         log.warning("linear layers stay on F.linear (oneDNN packing unavailable: %s)", why)
-        return 0
+        return {}
+    group = lambda name: "layers" if name.startswith("layers.") else name  # noqa: E731
+    choices: dict[str, Choice] = {}
     for name, m in linears:
+        g = group(name)
+        if g in choices:
+            continue
+        if not brgemm_route(dtype):
+            choices[g] = Choice(False, how="unavailable")
+        elif backend != "auto":
+            choices[g] = Choice(backend == "kernel", how="forced")
+        elif g == "layers":  # a whole decoder layer: the brgemm route also turns on the fused layer ops
+            choices[g] = choose_layer(model.layers[0], model.rotary, dtype)
+        else:
+            choices[g] = choose_linear((m.in_features, m.out_features, m.bias is not None), dtype)
+    pack_module(model, lambda name: choices[group(name)].use)
+    return choices
+
+
+def pack_module(module: nn.Module, kernel: Callable[[str], bool]) -> None:
+    """Replace each nn.Linear under `module` by a PackedLinear, on the brgemm route where kernel(its name)."""
+    for name, m in [(name, m) for name, m in module.named_modules() if type(m) is nn.Linear]:
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, PackedLinear(m))
-    return len(linears)
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, PackedLinear(m, kernel=kernel(name)))

@@ -43,7 +43,10 @@ using microserve::for_each_row;
 using microserve::load;
 using microserve::PoolLayer;
 using microserve::store;
+using microserve::kAccRegs;
+using microserve::kWidthFor;
 using microserve::Vec;
+using microserve::Vec4;
 using microserve::Vec8;
 using microserve::Vec16;
 using microserve::widen_bf16;
@@ -56,9 +59,10 @@ inline Vec<W> load_float(const T* p) {
     return load<W>(p);
   } else {
     static_assert(std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>);
+    constexpr int S = W < 8 ? W : 8;  // 8 at a time (one AVX2 register) where the vector holds 8 or more
     float f[W];
-    for (int i = 0; i < W; i += 8) {
-      store<8>(f + i, std::is_same_v<T, at::BFloat16> ? widen_bf16(p + i) : widen_fp16(p + i));
+    for (int i = 0; i < W; i += S) {
+      store<S>(f + i, std::is_same_v<T, at::BFloat16> ? widen_bf16<S>(p + i) : widen_fp16<S>(p + i));
     }
     return load<W>(f);
   }
@@ -85,6 +89,7 @@ inline Vec8 sum_lanes8(const Vec8 (&a)[8]) {
          __builtin_shufflevector(c[0], c[1], 1, 9, 3, 11, 5, 13, 7, 15);
 }
 
+inline Vec8 fold_to8(Vec4 v) { return __builtin_shufflevector(v, Vec4{}, 0, 1, 2, 3, 4, 5, 6, 7); }  // zeros above
 inline Vec8 fold_to8(Vec8 v) { return v; }
 inline Vec8 fold_to8(Vec16 v) {
   return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) + __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -131,7 +136,9 @@ void attend(const float* q, const PoolLayer<T>& pool, int64_t h0, int64_t h1, co
   const int64_t row_stride = pool.row_stride, page_size = pool.page_size, nkv = h1 - h0, nq = nkv * groups;
   const int64_t width = (nq + kHeadBlock - 1) / kHeadBlock * kHeadBlock;
   const int64_t prefetch_bytes = nkv * D * static_cast<int64_t>(sizeof(T));
-  constexpr int W = kD % 16 == 0 ? 16 : 8, kVecs = kD / W;
+  // W: the target's vector width where it divides the head dim (vec.h), so nothing here is wider
+  // than a register.
+  constexpr int W = kWidthFor<kD>, kVecs = kD / W;
   constexpr bool kVector = kD > 0 && kD % 8 == 0;
   // Pass 1: scores[t][j] = scale * q_j . k_t, kHeadBlock query heads at a time: their q vectors
   // and kv head offsets (padding heads repeat the last real head) against each K row.
@@ -188,11 +195,12 @@ void attend(const float* q, const PoolLayer<T>& pool, int64_t h0, int64_t h1, co
     }
   });
   softmax_columns(scores, width, len);
-  // Pass 3: out_j = sum_t p[t][j] * v_t. The sums of up to kHeads query heads (16 vectors) stay in
-  // registers for a whole walk over the rows: one walk for head dims up to 32 at 8 query heads,
-  // more walks over the (by then cached) rows for wider heads.
+  // Pass 3: out_j = sum_t p[t][j] * v_t. The sums of up to kHeads query heads (kAccRegs vectors:
+  // 16 on AVX-512, 8 on AVX2) stay in registers for a whole walk over the rows: one walk for head
+  // dims up to 32 at 8 query heads on AVX-512, more walks over the (by then cached) rows for wider
+  // heads or narrower registers.
   if constexpr (kVector) {
-    constexpr int kHeads = kVecs >= 16 ? 1 : 16 / kVecs;
+    constexpr int kHeads = kVecs >= kAccRegs ? 1 : kAccRegs / kVecs;  // accumulators: half the register file
     // One walk for query heads j0 .. j0+nh-1, their V offsets read once, before it. N heads are
     // unrolled; when nh == N is known at compile time (kExact) no head is checked per row.
     auto walk = [&](int64_t j0, int64_t nh, auto n, auto exact) __attribute__((always_inline)) {

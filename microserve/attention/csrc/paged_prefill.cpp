@@ -34,20 +34,31 @@
 
 namespace {
 
+using microserve::kAccRegs;
+using microserve::kVecWidth;
+using microserve::kWidthFor;
 using microserve::load;
 using microserve::PoolLayer;
 using microserve::row_at;
 using microserve::store;
 using microserve::Vec;
 
-constexpr int64_t kBlockKeys = 64;     // keys per block: four 16-float vectors of scores per query row
+constexpr int64_t kBlockKeys = 64;     // keys per block: 4 AVX-512 (8 AVX2) vectors of scores per query row
 // New tokens per work item (times G query heads = its rows). Each item transposes every key block
 // it reads, so bigger items amortise that over more rows (16 -> 64 took 1024 tokens from 10.2 to
 // 7.3 ms); with fewer items than threads, a short prompt uses fewer threads.
 constexpr int64_t kBlockTokens = 64;
 constexpr float kMasked = -1e30f;      // finite: the file is built with -ffast-math, which assumes no infinities
 constexpr float kMinExponent = -80.f;  // exp(-80) ~ 1.8e-35, still a normal float
-constexpr int64_t kRows = 4;           // query rows computed together: 4 x 4 score vectors in registers
+constexpr int64_t kRows = 4;           // query rows computed together, independent FMA chains
+
+// The largest divisor of n that is at most cap (>= 1): how many vectors a register-blocked pass
+// takes at once, so the passes tile n exactly.
+constexpr int divisor_at_most(int n, int cap) {
+  for (int c = cap < n ? cap : n; c > 1; --c)
+    if (n % c == 0) return c;
+  return 1;
+}
 
 struct Workspace {
   std::vector<float> q, o, row_max, row_sum, kt, v;
@@ -82,35 +93,38 @@ inline float softmax_step(float* s, int64_t visible, float& row_max, float& row_
 }
 
 // s[i][r] = q_i . k_r for kRows query rows (q: kRows x d) against a transposed key block
-// (kt[e][r]): per e, one broadcast of q[i][e] times kBlockKeys / 16 key vectors, into
-// kRows x 4 accumulators held in registers.
+// (kt[e][r]): per e, one broadcast of q[i][e] times the key vectors of a column pass, into
+// kRows x kCols accumulators held in registers (kAccRegs of them: one pass over the block's
+// 4 vectors on AVX-512, four passes of 2 on AVX2, whose 16 registers 16 accumulators spilled).
 inline void scores(const float* q, const float* kt, int64_t d, float (&s)[kRows][kBlockKeys]) {
-  constexpr int W = 16, kVecs = kBlockKeys / W;
-  Vec<W> acc[kRows][kVecs] = {};
-  for (int64_t e = 0; e < d; ++e) {
-    Vec<W> k[kVecs];
+  constexpr int W = kVecWidth, kVecs = kBlockKeys / W, kCols = divisor_at_most(kVecs, kAccRegs / kRows);
+  for (int c0 = 0; c0 < kVecs; c0 += kCols) {
+    Vec<W> acc[kRows][kCols] = {};
+    for (int64_t e = 0; e < d; ++e) {
+      Vec<W> k[kCols];
 #pragma GCC unroll 4
-    for (int c = 0; c < kVecs; ++c) k[c] = load<W>(kt + e * kBlockKeys + c * W);
+      for (int c = 0; c < kCols; ++c) k[c] = load<W>(kt + e * kBlockKeys + (c0 + c) * W);
 #pragma GCC unroll 4
-    for (int i = 0; i < kRows; ++i) {
-      const float qe = q[i * d + e];
+      for (int i = 0; i < kRows; ++i) {
+        const float qe = q[i * d + e];
 #pragma GCC unroll 4
-      for (int c = 0; c < kVecs; ++c) acc[i][c] += qe * k[c];
+        for (int c = 0; c < kCols; ++c) acc[i][c] += qe * k[c];
+      }
     }
+    for (int i = 0; i < kRows; ++i)
+      for (int c = 0; c < kCols; ++c) store<W>(s[i] + (c0 + c) * W, acc[i][c]);
   }
-  for (int i = 0; i < kRows; ++i)
-    for (int c = 0; c < kVecs; ++c) store<W>(s[i] + c * W, acc[i][c]);
 }
 
 // o[i] = carry[i] * o[i] + sum_r p[i][r] * v[r] for kRows rows and keys r < keys (v: keys x kD
-// rows). The accumulators, up to kRows x 4 vectors of the head dim at a time, stay in registers
-// across the key loop. Head dims that are not a multiple of 8 take the plain loop.
+// rows). The accumulators, kRows x kChunk vectors of the head dim at a time (kAccRegs in all),
+// stay in registers across the key loop. Head dims that are not a multiple of 8 take the plain loop.
 template <int kD>
 void accumulate_pv(const float (&p)[kRows][kBlockKeys], const float* carry, const float* v, int64_t keys,
                    int64_t d, float* o) {
-  constexpr int W = kD % 16 == 0 ? 16 : 8;
+  constexpr int W = kWidthFor<kD>;
   if constexpr (kD > 0 && kD % W == 0) {
-    constexpr int kVecs = kD / W, kChunk = kVecs < 4 ? kVecs : 4;
+    constexpr int kVecs = kD / W, kChunk = divisor_at_most(kVecs, kAccRegs / kRows);
     for (int c0 = 0; c0 < kVecs; c0 += kChunk) {
       Vec<W> acc[kRows][kChunk];
 #pragma GCC unroll 4
