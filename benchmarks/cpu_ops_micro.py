@@ -33,8 +33,10 @@ from torch import nn
 from microserve.attention.base import AttentionMetadata, ForwardContext
 from microserve.attention.cpu_backend import CPUPagedBackend
 from microserve.attention.torch_backend import TorchSDPABackend
-from microserve.bench.harness import md_table, median_ms
-from microserve.model import layers, packed_linear
+from microserve.bench.harness import machine_line, md_table, median_ms
+from microserve.kernels.build import loaded_isa
+from microserve.kernels.selection import _attention_case
+from microserve.model import layers
 from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from microserve.model.packed_linear import PackedLinear
 
@@ -75,9 +77,7 @@ def decode_page_case(ps: int, reps: int, layers: int = 5, hq: int = 8, hkv: int 
 
 def linear_case(name: str, rows: int, k: int, n: int, reps: int):
     linear = nn.Linear(k, n, bias=False)
-    with mock.patch.object(packed_linear, "kernels_loaded", lambda: False):
-        onednn = PackedLinear(linear)
-    brgemm = PackedLinear(linear)
+    onednn, brgemm = PackedLinear(linear, kernel=False), PackedLinear(linear, kernel=True)
     assert onednn.weight_t is None and brgemm.weight_t is not None
     x = torch.randn(rows, k)
     with torch.inference_mode():
@@ -86,6 +86,17 @@ def linear_case(name: str, rows: int, k: int, n: int, reps: int):
         t_plain, t_onednn, t_brgemm = (median_ms(lambda m=m: m(x), reps) for m in (linear, onednn, brgemm))
     return [name, rows, f"{k}x{n}", f"{t_plain * 1e3:.0f}", f"{t_onednn * 1e3:.0f}", f"{t_brgemm * 1e3:.0f}",
             f"**{t_plain / t_brgemm:.2f}x**", f"**{t_onednn / t_brgemm:.2f}x**", f"{diff:.1e}"]
+
+
+def decode_case(b: int, ctx: int, reps: int, hq: int = 8, hkv: int = 4, d: int = 32):
+    """Decode attention, one layer call: the paged kernel vs the torch backend (gather + SDPA)."""
+    q, k, v, fctx = _attention_case(hq, hkv, d, torch.float32, b, 1, ctx)
+    engine, torch_backend = CPUPagedBackend(hq, hkv, d, d ** -0.5), TorchSDPABackend(hq, hkv, d, d ** -0.5)
+    with torch.inference_mode():
+        diff = (engine.forward(0, q, k, v, fctx) - torch_backend.forward(0, q, k, v, fctx)).abs().max().item()
+        t_engine = median_ms(lambda: engine.forward(0, q, k, v, fctx), reps)
+        t_torch = median_ms(lambda: torch_backend.forward(0, q, k, v, fctx), reps)
+    return [b, ctx, d, f"{t_torch:.3f}", f"{t_engine:.3f}", f"**{t_torch / t_engine:.2f}x**", f"{diff:.1e}"]
 
 
 def layer_ops_case(model: str, rows: int, hidden: int, inter: int, heads: int, d: int, reps: int):
@@ -115,7 +126,11 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    print(f"threads {a.threads}, loadavg {os.getloadavg()[0]:.2f}, median of {a.reps} calls")
+    CPUPagedBackend(1, 1, 8, 1.0)  # builds or loads the kernel library ($MICROSERVE_CPU_ISA picks the variant)
+    print(machine_line())
+    print(f"kernel variant {loaded_isa()}, ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '')}, "
+          f"ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '')}; threads {a.threads}, "
+          f"loadavg {os.getloadavg()[0]:.2f}, median of {a.reps} calls")
     print("\n### Prefill attention, one layer call (ms)\n")
     rows = [prefill_case(T, 0, 32, a.reps) for T in (64, 200, 512, 2048)]
     rows += [prefill_case(200, 0, 64, a.reps), prefill_case(200, 0, 8, a.reps), prefill_case(64, 448, 32, a.reps)]
@@ -128,6 +143,9 @@ def main() -> None:
             if not (m == 2048 and n == 32000)]  # prefill runs lm_head on the last tokens only
     print(md_table(["layer", "rows", "in x out", "nn.Linear", "oneDNN route", "brgemm route", "brgemm vs nn.Linear",
                     "brgemm vs oneDNN", "max abs diff"], rows))
+    print("\n### Decode attention, one layer call, kernel vs torch backend (ms; 8 q / 4 kv heads, pages shuffled)\n")
+    rows = [decode_case(b, ctx, a.reps) for b, ctx in ((1, 232), (1, 2048), (16, 232), (64, 232), (16, 1024))]
+    print(md_table(["batch", "context", "head dim", "torch backend", "engine kernel", "speed-up", "max abs diff"], rows))
     print("\n### Decode attention per context token vs page size, shuffled 1 GiB pool (ns)\n")
     print(md_table(["page size", "ns per token"], [decode_page_case(ps, a.reps) for ps in (16, 32, 64, 128)]))
     print("\n### Layer ops, eager torch vs fused kernel (us per call; RMSNorm's time includes cloning the residual)\n")

@@ -116,11 +116,15 @@ def machine() -> dict:
     """The facts every result records: date (UTC), CPUs, CPU model, torch and Python versions, the
     commit and the files under microserve/ changed since it, and `uptime` (the load)."""
     cpu = platform.processor() or platform.machine() or "?"
+    vector_flags: list[str] = []  # what CPU numbers depend on: AVX2 and AVX-512 machines differ by 2-6x
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
                     cpu = line.split(":", 1)[1].strip()
+                elif line.startswith(("flags", "Features")):
+                    vector_flags = sorted(f for f in line.partition(":")[2].split()
+                                          if f.startswith(("avx", "amx", "sve", "asimd")) or f in ("fma", "f16c", "neon"))
                     break
     except OSError:
         pass
@@ -128,7 +132,7 @@ def machine() -> dict:
     torch = sys.modules.get("torch")  # its thread count only where the script runs torch
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "nproc": os.cpu_count(), "cpu": cpu,
             "torch": _version("torch"), "torch_threads": torch.get_num_threads() if torch else None,
-            "python": platform.python_version(), "commit": _git("rev-parse", "--short", "HEAD").strip() or "?",
+            "python": platform.python_version(), "vector_flags": " ".join(vector_flags), "commit": _git("rev-parse", "--short", "HEAD").strip() or "?",
             "uptime": uptime(), "dirty": dirty}
 
 
@@ -142,7 +146,8 @@ def machine_line(m: dict | None = None) -> str:
     """One line of `machine()`: date, commit, CPUs and `uptime`."""
     m = m or machine()
     return (f"{m['date']}, commit {m['commit']}" + (" (uncommitted changes)" if m["dirty"] else "")
-            + f", {m['nproc']} CPUs; `uptime`: `{m['uptime']}`")
+            + f", {m['nproc']} CPUs ({m['cpu']}; {m.get('vector_flags') or 'no vector flags read'}); "
+            f"`uptime`: `{m['uptime']}`")
 
 
 def run_header(m: dict, load_end: str) -> str:
@@ -152,6 +157,7 @@ def run_header(m: dict, load_end: str) -> str:
             + (f" plus uncommitted changes to {', '.join(m['dirty'])}"
                if m["dirty"] else "") + "\n"
             f"- machine: {m['nproc']} CPUs ({m['cpu']}), torch {m['torch']}, Python {m['python']}\n"
+            f"- CPU vector flags (lscpu): {m.get('vector_flags') or '?'}\n"
             f"- `uptime` at start: `{m['uptime']}`; load average at end: {load_end}\n")
 
 
