@@ -17,6 +17,9 @@ decode attention cost against the page size.
    kernels (microserve/model/csrc/layer_ops.cpp): the same module code, with the kernels switched
    off for the eager column.
 
+5. What the engine picks on this machine (microserve/kernels/selection.py) for the served models:
+   the same start-up measurement the engine makes, at each model's own shapes: each kernel's
+   speed-ups over the torch path it replaces, and whether the engine then uses it.
 Medians of --reps calls, in one process, side by side.
 
     python benchmarks/cpu_ops_micro.py --threads 1
@@ -24,6 +27,7 @@ Medians of --reps calls, in one process, side by side.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from unittest import mock
 
@@ -35,7 +39,7 @@ from microserve.attention.cpu_backend import CPUPagedBackend
 from microserve.attention.torch_backend import TorchSDPABackend
 from microserve.bench.harness import machine_line, md_table, median_ms
 from microserve.kernels.build import loaded_isa
-from microserve.kernels.selection import _attention_case
+from microserve.kernels.selection import attention_case
 from microserve.model import layers
 from microserve.model.layers import RMSNorm, RotaryEmbedding, silu_and_mul
 from microserve.model.packed_linear import PackedLinear
@@ -90,13 +94,32 @@ def linear_case(name: str, rows: int, k: int, n: int, reps: int):
 
 def decode_case(b: int, ctx: int, reps: int, hq: int = 8, hkv: int = 4, d: int = 32):
     """Decode attention, one layer call: the paged kernel vs the torch backend (gather + SDPA)."""
-    q, k, v, fctx = _attention_case(hq, hkv, d, torch.float32, b, 1, ctx)
+    q, k, v, fctx = attention_case(hq, hkv, d, torch.float32, b, 1, ctx)
     engine, torch_backend = CPUPagedBackend(hq, hkv, d, d ** -0.5), TorchSDPABackend(hq, hkv, d, d ** -0.5)
     with torch.inference_mode():
         diff = (engine.forward(0, q, k, v, fctx) - torch_backend.forward(0, q, k, v, fctx)).abs().max().item()
         t_engine = median_ms(lambda: engine.forward(0, q, k, v, fctx), reps)
         t_torch = median_ms(lambda: torch_backend.forward(0, q, k, v, fctx), reps)
     return [b, ctx, d, f"{t_torch:.3f}", f"{t_engine:.3f}", f"**{t_torch / t_engine:.2f}x**", f"{diff:.1e}"]
+
+
+def selection_rows(name: str, hf: dict, dtype: torch.dtype) -> list[list]:
+    """The engine's start-up choice for a model (kernels/selection.py), measured afresh."""
+    from microserve.config import ModelConfig
+    from microserve.kernels import selection
+    from microserve.model.llama import DecoderLayer
+    cfg = ModelConfig.from_hf(hf)
+    d, dt = cfg.head_dim, str(dtype).removeprefix("torch.")
+    backend = CPUPagedBackend(cfg.num_heads, cfg.num_kv_heads, d, d ** -0.5)
+    measured = {phase: selection.attention_speedups(phase, cfg.num_heads, cfg.num_kv_heads, d, dtype)
+                for phase in ("decode", "prefill")}
+    if dtype == torch.float32:  # brgemm is fp32 only; bf16/fp16 linears take oneDNN's matmul
+        layer = DecoderLayer(cfg, 0, backend)
+        rotary = RotaryEmbedding(d, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling)
+        measured["layers (brgemm + fused ops)"] = selection.layer_speedups(layer, rotary, dtype)
+        measured["lm_head (brgemm)"] = selection.linear_speedups((cfg.hidden_size, cfg.vocab_size, False), dtype)
+    return [[name, dt, what, ", ".join(f"{r:.2f}x" for r in rs), "kernel" if selection.decide(rs) else "**torch**"]
+            for what, rs in measured.items()]
 
 
 def layer_ops_case(model: str, rows: int, hidden: int, inter: int, heads: int, d: int, reps: int):
@@ -148,6 +171,18 @@ def main() -> None:
     print(md_table(["batch", "context", "head dim", "torch backend", "engine kernel", "speed-up", "max abs diff"], rows))
     print("\n### Decode attention per context token vs page size, shuffled 1 GiB pool (ns)\n")
     print(md_table(["page size", "ns per token"], [decode_page_case(ps, a.reps) for ps in (16, 32, 64, 128)]))
+    print("\n### What the engine picks here (kernels/selection.py: kernel only if >= 1.0x at every size)\n")
+    from microserve.bench.harness import shared_model
+    from microserve.bench.presets import DUMMY_SHAPES
+    with open(os.path.join(shared_model("stories260K-hd32"), "config.json")) as f:
+        hd32 = json.load(f)
+    rows = [r for name, hf, dtype in (("stories260K-hd32", hd32, torch.float32),
+                                      ("llama-0.5b", DUMMY_SHAPES["llama-0.5b"], torch.float32),
+                                      ("llama-0.5b", DUMMY_SHAPES["llama-0.5b"], torch.bfloat16))
+            for r in selection_rows(name, hf, dtype)]
+    print("sizes: decode batch x context 1 x 512, 16 x 256; prefill new/context 128/128, 64/512, 2048/2048; "
+          "layers 1, 16 (decode, context 128) and 256 rows (prefill); lm_head 1, 16, 64 rows\n")
+    print(md_table(["model", "dtype", "kernel", "speed-ups over torch", "engine uses"], rows))
     print("\n### Layer ops, eager torch vs fused kernel (us per call; RMSNorm's time includes cloning the residual)\n")
     rows = [r for m in (1, 16, 64, 2048) for r in layer_ops_case("hd32", m, 64, 172, 8, 32, a.reps)]
     rows += [r for m in (16, 2048) for r in layer_ops_case("58M", m, 512, 1536, 8, 64, a.reps)]

@@ -45,17 +45,10 @@ import sys
 import time
 
 from microserve.bench.harness import ROOT, machine, machine_line, results_dir, shared_model, uptime
+from microserve.bench.presets import DUMMY_SHAPES
 from microserve.launch import EngineSpec, LocalLauncher
 
 DEFAULT_MODEL = shared_model("stories260K-hd32")
-# A realistic CPU-serving shape: Llama architecture, 0.53B parameters (24 layers of 1024, GQA 16/8
-# heads of 64, MLP 6144); the vocabulary is the tokenizer's (512), so nearly all weights are layers.
-DUMMY_SHAPES = {"llama-0.5b": {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 1024,
-    "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
-    "head_dim": 64, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}}
 # torch dispatches its own kernels by ATEN_CPU_CAPABILITY, and oneDNN (linears, brgemm) by ONEDNN_MAX_CPU_ISA.
 ISA_ENV = {"avx2": {"MICROSERVE_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
 

@@ -52,7 +52,7 @@ def test_the_key_holds_threads_and_torch_isa_caps(cache_dir, monkeypatch):
 
 
 def _prefill_case():
-    q, k, v, ctx = selection._attention_case(8, 4, 32, torch.float32, batch=2, new=40, ctx=100)
+    q, k, v, ctx = selection.attention_case(8, 4, 32, torch.float32, batch=2, new=40, ctx=100)
     return q, k, v, ctx
 
 

@@ -106,6 +106,18 @@ def model_dir(model: str | dict[str, Any], name: str) -> str:
     return path
 
 
+# Model shapes served with dummy weights (model_dir writes the config; --load-format dummy).
+# llama-0.5b: a realistic CPU-serving shape: Llama architecture, 0.53B parameters (24 layers of
+# 1024, GQA 16/8 heads of 64, MLP 6144); the vocabulary is stories260K's tokenizer's (512), so both
+# microserve and vLLM can serve it with that tokenizer, and nearly all weights are in the layers.
+DUMMY_SHAPES: dict[str, dict[str, Any]] = {"llama-0.5b": {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 512, "hidden_size": 1024,
+    "intermediate_size": 6144, "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 8,
+    "head_dim": 64, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+    "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16"}}
+
+
 # Sized by the ratio rule (docs/benchmarks_paper.md): on one core, T_prefill(640 tokens) is about
 # 1/6 of T_decode(100 tokens) at batch 1, the paper's 0.15-0.2 s : ~1 s for 3000 in / 100 out on
 # Llama-3.1-70B FP8 TP4. The paper's 30:1 token ratio cannot hold at the same time on a CPU (a core
