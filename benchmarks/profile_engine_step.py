@@ -23,6 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from microserve.bench.harness import machine_line, shared_model
+from microserve.bench.presets import DUMMY_SHAPES, model_dir
 from microserve.config import EngineConfig
 from microserve.engine.engine import Engine
 from microserve.engine.sampling import SamplingParams
@@ -33,7 +34,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=shared_model("stories260K-hd32"),
                     help="a local Hugging Face model directory (default: ../shared/models/stories260K-hd32)")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dummy", choices=sorted(DUMMY_SHAPES), default=None,
+                    help="profile this model shape with dummy weights instead of --model")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="(default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--output-len", type=int, default=64)
@@ -42,7 +46,9 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=20)
     a = ap.parse_args()
     keep_freed_memory()  # as the engine server runs (server/app.py), so the profile is the served one's
-    e = Engine(EngineConfig(model=a.model, num_threads=a.threads, kv_cache_memory_mb=a.kv_cache_memory_mb))
+    model = model_dir(DUMMY_SHAPES[a.dummy], f"vs-vllm-{a.dummy}") if a.dummy else a.model
+    e = Engine(EngineConfig(model=model, load_format="dummy" if a.dummy else "auto", dtype=a.dtype,
+                            num_threads=a.threads, kv_cache_memory_mb=a.kv_cache_memory_mb))
     vocab = e.model_config.vocab_size
     g = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=a.output_len, temperature=0.0, ignore_eos=True)
