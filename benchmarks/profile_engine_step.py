@@ -68,7 +68,7 @@ def main() -> int:
             (decode if decoding else prefill).append(time.perf_counter() - s0)
         return time.perf_counter() - t0, prefill, decode
 
-    print(f"# {a.model}: {a.requests} x {a.prompt_len} token ids, {a.output_len} out, threads {a.threads}, "
+    print(f"# {a.dummy + ' (dummy weights)' if a.dummy else a.model} {a.dtype}: {a.requests} x {a.prompt_len} token ids, {a.output_len} out, threads {a.threads}, "
           f"KV {a.kv_cache_memory_mb} MiB ({e.pool.num_pages} pages), prefix caching on\n"
           f"# {machine_line()}", flush=True)
     for i in range(a.rounds):
