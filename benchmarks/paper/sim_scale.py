@@ -85,11 +85,13 @@ def report(name: str, s: Setup, result_dir: str, docs: str, wall_s: float | None
     seeds = max(row["n"] for row in agg.values())
     sim_s = sum(r["sim"]["sim_s"] for r in results)
     cpu_s = sum(r["sim"]["cpu_s"] for r in results)
+    done, failed = sum(row["completed"] for row in agg.values()), sum(row["failed"] for row in agg.values())
     lines = [f"### {name}: {s.title}", "",
              f"{results[0]['num_prompts']} requests per run, {results[0].get('num_warmups', 0)} warm-ups, "
              f"{seeds} seeds (medians; ± is half the range over seeds). {len(results)} runs simulated "
              f"{sim_s:.0f} s of cluster time in {cpu_s:.0f} CPU s ({sim_s / cpu_s:.0f}x)"
-             + (f", {wall_s:.0f} s wall." if wall_s else "."), "", f"![{name}]({name}.png)", "",
+             + (f", {wall_s:.0f} s wall." if wall_s else ".") + f" Requests completed: {done}, failed: {failed}.",
+             "", f"![{name}]({name}.png)", "",
              "Change against DP (median of seeds), mean / P99 JCT, then mean TTFT and TPOT of each:", "",
              "| rate | " + " | ".join(f"`{x}`" for x in s.specs()) + " | DP TTFT / TPOT (ms) |",
              "|---|" + "---|" * (len(s.specs()) + 1)]
