@@ -56,6 +56,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "small-batch decode is slower. CPU never uses graphs")
     g.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: the cores this process may use, minus one for the HTTP event loop)")
     g.add_argument("--cpu-affinity", default=None, help="pin the engine to these CPU cores, e.g. '0' or '2,3'")
+    g.add_argument("--step-trace", default=None, metavar="FILE",
+                   help="append a JSON line per engine step to FILE: the batch's shape (prefill tokens, decode rows, "
+                        "contexts), the step's seconds and how long the engine was busy with it; '{port}' in FILE "
+                        "becomes the engine's port, so `up` can pass one flag to every engine. `microserve sim "
+                        "calibrate --served` fits the simulator's cost model from these files")
     g = p.add_argument_group("microserving")
     g.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "nixl", "cuda_ipc", "none"],
                    help="how KV reaches other engines: shm (shared host memory, one host), cuda_ipc (GPU memory "
@@ -80,7 +85,8 @@ def engine_config(a: argparse.Namespace) -> EngineConfig:
         enforce_eager=a.enforce_eager,
         kv_transport=a.kv_transport, recv_lease_s=a.recv_lease_s, transfer_timeout_s=a.transfer_timeout_s,
         num_threads=a.num_threads,
-        cpu_affinity=[int(c) for c in a.cpu_affinity.split(",")] if a.cpu_affinity else None)
+        cpu_affinity=[int(c) for c in a.cpu_affinity.split(",")] if a.cpu_affinity else None,
+        step_trace=a.step_trace)
 
 
 def cmd_engine(a: argparse.Namespace) -> int:

@@ -115,6 +115,7 @@ class EngineConfig:
     transfer_timeout_s: float = 30.0
     num_threads: int | None = None
     cpu_affinity: list[int] | None = None
+    step_trace: str | None = None  # file for a JSON line per step ("{port}": the engine's port); engine/step_trace.py
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -7,7 +7,9 @@ and plot can be rebuilt (`--summarize-only`) and an interrupted experiment finis
 The same sweep runs simulated (`microserve sim`, the measured cost model of `sim calibrate`): with
 `--sim COST.json` instead of the real cluster (results/<name>/sim/, <name>_sim.md), with
 `--compare-sim COST.json` after it, then <name>_fidelity.md sets real and simulated side by side.
-A COST.json that does not exist is calibrated first, on the preset's model and engine flags."""
+A COST.json that does not exist is calibrated first, on the preset's engines as served
+(`sim calibrate --served`). With `--step-traces DIR` the real runs' engines trace their steps, and
+the fidelity doc says how fast each run's steps ran against the cost model."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +24,7 @@ from typing import Any
 
 from microserve.bench.harness import ROOT, command_line, machine_line
 from microserve.bench.plots import plot_sweep
-from microserve.bench.presets import MINIATURE_MODEL, PRESETS
+from microserve.bench.presets import PRESETS
 from microserve.bench.sweep import SweepSpec, aggregate, load_results, markdown_table, run_sweep
 
 DOCS = ROOT / "docs" / "paper"
@@ -46,26 +48,21 @@ def parser(doc: str, rates: list[float], num_prompts: int = 40) -> argparse.Argu
                    help="after the real sweep, simulate the same one and write <name>_fidelity.md: real vs "
                         "simulated mean and P99 JCT, errors, strategy ranking at each rate")
     p.add_argument("--sim-args", default="", help="more `microserve sim` cluster flags, e.g. '--rpc-ms 1'")
+    p.add_argument("--step-traces", metavar="DIR", default=None,
+                   help="real runs: every engine writes its step trace (--step-trace) to DIR/<run>-<port>.jsonl, "
+                        "for `microserve sim calibrate --from-traces`")
     return p
 
 
 def cost_model(a: argparse.Namespace, preset: str = "miniature") -> str | None:
-    """The cost-model JSON of --sim / --compare-sim; calibrated (sim calibrate) on the preset's model,
-    dtype and engine flags, one core and one thread as the preset's engines run, if it is not there."""
+    """The cost-model JSON of --sim / --compare-sim; if it is not there, calibrated on the preset's
+    engines as they are served (`microserve sim calibrate --served --preset PRESET`)."""
     path = a.sim or a.compare_sim
     if not path or os.path.exists(path):
         return path
     import json
-    pre = PRESETS[preset]
-    ea = list(pre.engine_args)
-
-    def flag(name: str, default: str) -> str:
-        return ea[ea.index(name) + 1] if name in ea else default
-    from microserve.sim.calibrate import calibrate, summary
-    doc = calibrate("miniature" if pre.model == MINIATURE_MODEL else pre.model,
-                    flag("--dtype", "bfloat16"), 0 if pre.pin_cores else None, 1,
-                    max_num_batched_tokens=int(flag("--max-num-batched-tokens", "2048")),
-                    progress=lambda m: print(f"[calibrate] {m}", file=sys.stderr, flush=True))
+    from microserve.sim.calibrate import calibrate_served, summary
+    doc = calibrate_served(preset, progress=lambda m: print(f"[calibrate] {m}", file=sys.stderr, flush=True))
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print(summary(doc), file=sys.stderr)
@@ -82,7 +79,7 @@ def sweep(name: str, a: argparse.Namespace, strategies: list[str], workload: str
     spec = SweepSpec(strategies=strategies, rates=a.rates, model=pre.model, workload=pre.workloads[workload],
                      result_dir=result_dir, engines=pre.engines, pin_cores=pre.pin_cores,
                      engine_args=list(pre.engine_args), num_prompts=a.num_prompts, num_warmups=a.num_warmups,
-                     seed=a.seed, repeats=a.repeats, preset=preset, resume=a.resume)
+                     seed=a.seed, repeats=a.repeats, preset=preset, resume=a.resume, trace_dir=a.step_traces)
     cost = cost_model(a, preset)
     if not a.summarize_only and not a.sim:
         run_sweep(spec)
@@ -156,16 +153,37 @@ def fidelity_table(real: list[dict], sim: list[dict], strategies: list[str]) -> 
             order_r = sorted(here, key=lambda s: ra[(s, rate)][key])
             order_s = sorted(here, key=lambda s: sa[(s, rate)][key])
             ranks.append((rate, label, order_r, order_s))
+    # The pairs the real runs resolve: their means differ by more than the two repeat half-ranges
+    # together. Where they do not, no order is a fact to reproduce.
+    resolved, agreed, pair_lines = 0, 0, []
+    for rate in rates:
+        here = [s for s in strategies if (s, rate) in ra and (s, rate) in sa]
+        for i, s1 in enumerate(here):
+            for s2 in here[i + 1:]:
+                r1, r2 = ra[(s1, rate)], ra[(s2, rate)]
+                gap = r2["mean_e2el_ms"] - r1["mean_e2el_ms"]
+                if abs(gap) <= (r1["spread"]["mean_e2el_ms"] + r2["spread"]["mean_e2el_ms"]) / 2:
+                    continue
+                sim_gap = sa[(s2, rate)]["mean_e2el_ms"] - sa[(s1, rate)]["mean_e2el_ms"]
+                resolved += 1
+                agreed += (gap > 0) == (sim_gap > 0)
+                better, worse = (s1, s2) if gap > 0 else (s2, s1)
+                pair_lines.append(f"| {rate:g} | `{better}` < `{worse}` by {abs(gap):.0f} | "
+                                  f"{'yes' if (gap > 0) == (sim_gap > 0) else 'no'} ({sim_gap * (1 if gap > 0 else -1):+.0f}) |")
     rank_lines = ["| rate (req/s) | by | real, best first | simulated, best first | same |", "|---|---|---|---|---|"]
     rank_lines += [f"| {rate:g} | {label} JCT | {' < '.join(order_r)} | {' < '.join(order_s)} | "
                    f"{'yes' if order_r == order_s else 'no'} |" for rate, label, order_r, order_s in ranks]
+    if pair_lines:
+        rank_lines += ["", "Pairs of strategies whose real mean JCTs differ by more than their repeats' half-ranges "
+                       "together, and whether the simulation orders them alike (its gap in ms):", "",
+                       "| rate (req/s) | real, by mean JCT | simulated alike |", "|---|---|---|", *pair_lines]
     summary = {"points": len(errs_mean),
                "mean_within_10": sum(abs(e) <= 0.10 for e in errs_mean),
                "p99_within_20": sum(abs(e) <= 0.20 for e in errs_p99),
                "worst_mean": max(errs_mean, key=abs, default=0.0), "worst_p99": max(errs_p99, key=abs, default=0.0),
                "mean_abs_mean": statistics.mean(map(abs, errs_mean)) if errs_mean else 0.0,
                "rates_ranked_alike_mean": sum(o1 == o2 for _, lb, o1, o2 in ranks if lb == "mean"),
-               "rates": len(rates)}
+               "rates": len(rates), "pairs_resolved": resolved, "pairs_alike": agreed}
     return "\n".join(lines) + "\n\n" + "\n".join(rank_lines), summary
 
 
@@ -178,6 +196,8 @@ def write_fidelity(name: str, title: str, a: argparse.Namespace, result_dir: str
     with open(a.compare_sim) as f:
         cost = json.load(f)
     coef = ", ".join(f"{k} {v:.3g}" for k, v in cost["coef"].items() if v)
+    if cost.get("interference"):
+        coef += "; busy neighbours: " + ", ".join(f"{k} +{100 * v:.0f}%" for k, v in cost["interference"].items())
     cmd = command_line()
     body = (f"# {title}: real vs simulated\n\n- command: `{cmd}`; finished {machine_line()}\n"
             f"- cost model `{a.compare_sim}` (calibrated {cost.get('created')}, load average "
@@ -187,9 +207,41 @@ def write_fidelity(name: str, title: str, a: argparse.Namespace, result_dir: str
             f"- mean JCT within 10%: {s['mean_within_10']}/{s['points']} points (worst {100 * s['worst_mean']:+.1f}%, "
             f"mean |error| {100 * s['mean_abs_mean']:.1f}%); P99 JCT within 20%: {s['p99_within_20']}/{s['points']} "
             f"(worst {100 * s['worst_p99']:+.1f}%); strategies ranked alike by mean JCT at "
-            f"{s['rates_ranked_alike_mean']}/{s['rates']} rates\n\n{table}\n")
+            f"{s['rates_ranked_alike_mean']}/{s['rates']} rates; of the {s['pairs_resolved']} pairs the real "
+            f"repeats resolve, ordered alike: {s['pairs_alike']}\n\n{table}\n")
+    if a.step_traces and os.path.isdir(a.step_traces):
+        body += "\n" + speed_table(a.step_traces, cost, real, strategies) + "\n"
     (Path(a.out) / f"{name}_fidelity.md").write_text(body)
     return body
+
+
+def speed_table(trace_dir: str, cost: dict[str, Any], real: list[dict], strategies: list[str]) -> str:
+    """How fast each real run's engine steps ran against the cost model (`sim.calibrate.trace_speed`
+    on the runs' --step-trace files): what the cost model got wrong, apart from what the simulator
+    does with the steps."""
+    import glob
+    from microserve.bench.sweep import run_filename
+    from microserve.sim.calibrate import trace_speed
+    from microserve.sim.cost import LinearCostModel
+
+    speed = trace_speed(sorted(glob.glob(os.path.join(trace_dir, "*.jsonl"))), LinearCostModel.from_json(cost))
+    repeats = sorted({r["repeat"] for r in real})
+    rows = sorted({(r["request_rate"], r["strategy"]) for r in real}, key=lambda x: (x[0], strategies.index(x[1])))
+    lines = ["| rate (req/s) | strategy | " + " | ".join(f"repeat {k}" for k in repeats) + " |",
+             "|---|---|" + "---|" * len(repeats)]
+    ratios = []
+    for rate, strategy in rows:
+        cells = []
+        for k in repeats:
+            got = speed.get(run_filename(strategy, rate, k).removesuffix(".json"))
+            cells.append(f"{got[0]:.3f}" if got else "")
+            ratios += [got[0]] if got else []
+        lines.append(f"| {rate:g} | `{strategy}` | " + " | ".join(cells) + " |")
+    head = (f"The real runs' engine steps against the cost model: the sum of each run's traced step "
+            f"periods over the model's time for the same steps, with their neighbours' busy shares "
+            f"(`--step-traces {trace_dir}`; 1.000 = the model's speed). Range "
+            f"{min(ratios, default=float('nan')):.3f}-{max(ratios, default=float('nan')):.3f}.\n\n")
+    return head + "\n".join(lines)
 
 
 def now() -> str:

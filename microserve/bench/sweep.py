@@ -59,6 +59,7 @@ class SweepSpec:
     startup_timeout_s: float = 180.0
     log_dir: str | None = None
     show_progress: bool = True
+    trace_dir: str | None = None  # each run's engines write --step-trace files here (<run>-<port>.jsonl)
 
 
 def slug(text: str) -> str:
@@ -143,6 +144,10 @@ def run_one(spec: SweepSpec, path: str, strategy: str, rate: float, repeat: int,
     w = spec.workload
     log_dir = os.path.join(spec.log_dir or tempfile.gettempdir(), "microserve-sweep-logs",
                            f"{slug(strategy)}_{rate:g}qps_r{repeat}")
+    if spec.trace_dir:
+        os.makedirs(spec.trace_dir, exist_ok=True)
+        trace = os.path.join(spec.trace_dir, run_filename(strategy, rate, repeat).removesuffix(".json") + "-{port}.jsonl")
+        spec = dataclasses.replace(spec, engine_args=[*spec.engine_args, "--step-trace", trace])
     with Cluster(path, strategy, spec, log_dir) as url:
         base = dict(base_url=url, model="sweep", ignore_eos=w.ignore_eos, temperature=w.temperature, top_p=w.top_p,
                     extra_body={"return_token_ids": True}, show_progress=False, timeout_s=1800.0)
@@ -150,6 +155,9 @@ def run_one(spec: SweepSpec, path: str, strategy: str, rate: float, repeat: int,
             warm = run(warmups, LoadConfig(request_rate=math.inf, seed=spec.seed + 1, **base))
             if not any(r.success for r in warm.records):
                 raise RuntimeError(f"every warm-up request failed: {warm.records[0].error}")
+            if spec.trace_dir:  # warm-up steps are first passes: keep only the measured run's
+                for f in glob.glob(trace.replace("{port}", "*")):
+                    open(f, "w").close()
         cfg = LoadConfig(request_rate=rate, seed=spec.seed, **base)
         extra = {"strategy": strategy, "repeat": repeat, "preset": spec.preset, "label": strategy,
                  "engines": spec.engines, "pin_cores": spec.pin_cores, "engine_args": spec.engine_args,

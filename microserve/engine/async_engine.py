@@ -17,6 +17,7 @@ from microserve.engine.engine import Engine, RequestError
 from microserve.engine.request import RequestOutput
 from microserve.transfer.base import TransferError
 from microserve.engine.sampling import SamplingParams
+from microserve.engine.step_trace import StepTrace
 from microserve.errors import ServeError
 from microserve.kv.cache import Fence
 
@@ -24,8 +25,12 @@ log = logging.getLogger(__name__)
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, expire_interval_s: float = 0.5) -> None:
+    def __init__(self, engine: Engine, expire_interval_s: float = 0.5, step_trace: str | None = None) -> None:
+        """`step_trace`: a file to append each step's shape and seconds to (engine/step_trace.py)."""
         self.engine = engine
+        self._trace = StepTrace(step_trace) if step_trace else None
+        engine.trace_shapes = self._trace is not None
+        self._step_s = 0.0
         self._streams: dict[str, asyncio.Queue] = {}
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine-step")
         self._stepping = False
@@ -42,6 +47,8 @@ class AsyncEngine:
     async def stop(self) -> None:
         await self._cancel_loop()
         self._executor.shutdown(wait=True)
+        if self._trace:
+            self._trace.close()
         self.engine.close()
 
     async def _cancel_loop(self) -> None:
@@ -117,8 +124,9 @@ class AsyncEngine:
                 continue
             self._stepping = True
             self._idle.clear()
+            t0, wall0 = time.perf_counter(), time.time()
             try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                outputs = await loop.run_in_executor(self._executor, self._timed_step if self._trace else self.engine.step)
             except Exception:
                 log.error("engine step failed; aborting its requests:\n%s", traceback.format_exc())
                 outputs = self.engine.fail_all("internal engine error (see the engine log)")
@@ -127,6 +135,16 @@ class AsyncEngine:
                 self._idle.set()
             self._deliver(outputs)
             await asyncio.sleep(0)  # let handlers run between steps
+            if self._trace:
+                self._trace.record(self.engine.last_shape, wall0, self._step_s, time.perf_counter() - t0)
+
+    def _timed_step(self) -> list[RequestOutput]:
+        self.engine.last_shape = None
+        t0 = time.perf_counter()
+        try:
+            return self.engine.step()
+        finally:
+            self._step_s = time.perf_counter() - t0
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to the streams waiting for them."""

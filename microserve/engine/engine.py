@@ -24,6 +24,7 @@ from microserve.engine.request import Request, RequestOutput, Status
 from microserve.engine.runner import ModelRunner
 from microserve.engine.sampling import SamplingParams, sample
 from microserve.engine.scheduler import Scheduler
+from microserve.engine.step_trace import StepShape, batch_shape
 from microserve.tokenizer import IncrementalDetokenizer, Tokenizer
 from microserve.errors import ServeError
 from microserve.protocol import fit_context
@@ -54,6 +55,9 @@ class EngineStats:
 
 
 class Engine:
+    trace_shapes = False  # AsyncEngine sets it with --step-trace: each step leaves its shape in last_shape
+    last_shape: StepShape | None = None
+
     def __init__(self, config: EngineConfig) -> None:
         self.config = c = config
         if c.num_threads:
@@ -317,6 +321,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         outputs: list[RequestOutput] = self._close_fenced() if self._fenced else []
         batch = self.scheduler.schedule()
+        if self.trace_shapes:  # before the step moves num_computed on
+            self.last_shape = batch_shape(batch)
         admitted = self.scheduler.admitted
         for req in admitted:
             if req.send is not None and self.runner.send_cached(req, req.num_computed):

@@ -45,8 +45,8 @@ def auth_middleware(cluster_token: str | None, api_key: str | None):
 
 
 def build_app(engine: Engine, debug_api: bool = False, cluster_token: str | None = None,
-              api_key: str | None = None) -> web.Application:
-    state = ServerState(engine, AsyncEngine(engine), EngineMetrics(engine), time.time())
+              api_key: str | None = None, step_trace: str | None = None) -> web.Application:
+    state = ServerState(engine, AsyncEngine(engine, step_trace=step_trace), EngineMetrics(engine), time.time())
     app = web.Application(middlewares=[error_middleware, auth_middleware(cluster_token, api_key)],
                           client_max_size=64 * 2**20)
     app["state"] = state
@@ -94,7 +94,8 @@ async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = Fa
         config.num_threads = max(1, len(os.sched_getaffinity(0)) - 1)
     keep_freed_memory()
     engine = Engine(config)
-    app = build_app(engine, debug_api, cluster_token, api_key)
+    trace = config.step_trace.replace("{port}", str(port)) if config.step_trace else None
+    app = build_app(engine, debug_api, cluster_token, api_key, trace)
     freeze_startup_objects()
     runner = await run_app(app, host, port)
     a = engine.cache.accounting()

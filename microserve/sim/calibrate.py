@@ -12,6 +12,14 @@ the engine flags and a measured memcpy bandwidth for the shared-memory KV link.
 `measure_engine`, the probe the miniature preset was sized with (bench/presets.py; prefill seconds
 by length, decode step by batch, benchmarks/paper/preset.py), times its steps through the same
 probe: one step-timing path for the cost models and the preset.
+
+A served engine pays more per step than the probe sees: the hand-offs and token delivery around
+the step, and, on a host whose cores the engines fill, the client's, the router's and the other
+engines' serving work. `calibrate_served` brings up a preset's engines with `--step-trace`, loads
+them through the HTTP client (a shape grid on one, pulses on the other), and `fit_traces` fits the
+traced steps with the interference factors of busy neighbours (`neighbour_overlap`).
+`calibrate_from_traces` does the same for trace files that already exist (a sweep's runs, engines
+in production); `trace_speed` says how fast traced steps ran against a model.
 """
 from __future__ import annotations
 
@@ -27,7 +35,8 @@ from typing import Any, Iterator
 
 from microserve.bench.harness import machine
 from microserve.bench.metrics import percentile
-from microserve.sim.cost import FEATURES, LinearCostModel, StepShape, batch_shape, features, nnls
+from microserve.engine.step_trace import TracedStep
+from microserve.sim.cost import FEATURES, LinearCostModel, ModelSpec, StepShape, batch_shape, features, nnls
 
 log = logging.getLogger(__name__)
 
@@ -236,47 +245,303 @@ def calibrate(model: str | dict = "miniature", dtype: str = "bfloat16", core: in
         "points": [[*dataclasses.astuple(s), t] for s, t in points],
     })
     if link:
-        bw = measure_link()
-        # one pinned core does the compute and the copies: they do not overlap (0); threads > 1 may
-        doc["link"] = {"name": f"shm (memcpy measured, {bw / 1e9:.1f} GB/s)", "bandwidth": bw, "latency_s": 20e-6,
-                       "overlap": 0.0 if core is not None and threads == 1 else 0.5}
+        doc["link"] = shm_link(pinned=core is not None and threads == 1)
     return doc
 
 
-def fit(points: list[tuple[StepShape, float]], layers: int = 1) -> LinearCostModel:
-    """Non-negative least squares on relative error over every recorded step."""
+def shm_link(pinned: bool = True) -> dict[str, Any]:
+    """The LinkModel (as JSON) of the shared-memory KV transport here: measured memcpy bandwidth.
+    One pinned core does the compute and the copies, so they do not overlap (0); threads > 1 may."""
+    bw = measure_link()
+    return {"name": f"shm (memcpy measured, {bw / 1e9:.1f} GB/s)", "bandwidth": bw, "latency_s": 20e-6,
+            "overlap": 0.0 if pinned else 0.5}
+
+
+# The served calibration's load. Engine 0 gets the shape grid, straight from the client, phase by
+# phase: (what it covers, dataset arguments, concurrency). Meanwhile engine 1 pulses (PULSES, in a
+# loop): a decode burst, an idle gap, a prefill-only request, a gap. So engine 0's steps of every
+# shape meet a neighbour that is idle, decoding or prefilling, interleaved within seconds (the
+# host's speed drifts by several percent over minutes here: separate phases would confound it),
+# and engine 1's steps add more. Lengths are spread wide so each feature varies on its own; none of
+# it is an experiment's workload or arrival process.
+SERVED_PHASES = (
+    ("one request at a time", dict(dataset="random", n=12, input_len=480, output_len=32, range_ratio=0.9), 1),
+    ("decode batches of ~4", dict(dataset="random", n=24, input_len=480, output_len=48, range_ratio=0.7), 4),
+    ("decode batches of ~12", dict(dataset="random", n=36, input_len=400, output_len=48, range_ratio=0.7), 12),
+    ("prefills after a cached prefix", dict(dataset="prefix", n=16, prefix_len=512, question_len=96,
+                                            output_len=16), 2),
+)
+PULSES = ((1, 600, 100), (4, 600, 60), (1, 300, 100), (8, 500, 40))  # (concurrency, prompt, output) per burst
+PULSE_GAP_S = 2.5
+
+
+def calibrate_served(preset: str = "miniature", phases=SERVED_PHASES, seed: int = 0, link: bool = True,
+                     trace_dir: str | None = None, progress=None, pulses=PULSES,
+                     pulse_gap_s: float = PULSE_GAP_S) -> dict[str, Any]:
+    """The measured cost model as a served engine pays for steps: bring up `preset`'s engines
+    (pinned as `up --pin-cores` pins them) with `--step-trace`, send `phases` to the first engine
+    and pulses to the second through the real HTTP client, and fit `period_s` of every traced step
+    (the step plus the hand-offs and token delivery around it) together with the interference
+    factors of a busy neighbour (`neighbour_overlap`, `fit`). Needs at least 2 engines. Returns the
+    JSON document `calibrate` returns; the traces stay in `trace_dir` if given."""
+    import math
+    import tempfile
+    import threading
+
+    from microserve.bench import datasets as ds
+    from microserve.bench.loadgen import LoadConfig, run
+    from microserve.bench.presets import PRESETS, model_dir
+    from microserve.bench.sweep import Cluster, SweepSpec, model_vocab
+    from microserve.engine.step_trace import read_trace
+
+    pre = PRESETS[preset]
+    if pre.engines < 2:
+        raise ValueError(f"preset {preset} has {pre.engines} engine; the served calibration needs 2 (one busy "
+                         "neighbour to measure)")
+    path = model_dir(pre.model, preset)
+    vocab = (3, model_vocab(path))
+    say = progress or (lambda msg: None)
+    t_start = time.perf_counter()
+
+    def check(res, what: str) -> None:
+        failed = [r.error for r in res.records if not r.success]
+        if failed:
+            raise RuntimeError(f"{len(failed)} calibration requests ({what}) failed: {failed[0]}")
+
+    with tempfile.TemporaryDirectory(prefix="microserve-calibrate-") as tmp:
+        tdir = trace_dir or tmp
+        os.makedirs(tdir, exist_ok=True)
+        for old in os.listdir(tdir):  # a previous calibration's traces must not mix in
+            if old.startswith("step-trace-"):
+                os.remove(os.path.join(tdir, old))
+        args = list(pre.engine_args) + ["--step-trace", os.path.join(tdir, "step-trace-{port}.jsonl")]
+        spec = SweepSpec(strategies=["least_loaded"], rates=[], model=pre.model, workload=pre.workloads["long"],
+                         result_dir=tmp, engines=2, pin_cores=pre.pin_cores, engine_args=args)
+        cluster = Cluster(path, "least_loaded", spec, os.path.join(tmp, "logs"))
+        with cluster:
+            base = dict(ignore_eos=True, temperature=0.6, top_p=0.9, request_rate=math.inf, show_progress=False,
+                        timeout_s=600.0, model=None)
+            grid, pulsed = (dict(base_url=e.url, **base) for e in cluster.launcher.engines[:2])
+            for i, where in enumerate((grid, pulsed)):
+                check(run(ds.random_requests(3, 64, 4, 0.0, vocab, seed + 90 + i),
+                          LoadConfig(max_concurrency=1, **where)), "warm-up")
+            for f in os.listdir(tdir):  # warm-up steps are first passes: not what a step costs
+                if f.startswith("step-trace-"):
+                    open(os.path.join(tdir, f), "w").close()
+            done, errors = threading.Event(), []
+
+            def pulse() -> None:
+                k = 0
+                while not done.is_set():
+                    conc, n_in, n_out = pulses[k % len(pulses)]
+                    try:
+                        check(run(ds.random_requests(conc, n_in, n_out, 0.0, vocab, seed + 1000 + k),
+                                  LoadConfig(max_concurrency=conc, **pulsed)), "pulse")
+                        done.wait(pulse_gap_s)
+                        check(run(ds.random_requests(1, n_in + 200, 1, 0.0, vocab, seed + 5000 + k),
+                                  LoadConfig(max_concurrency=1, **pulsed)), "pulse")
+                        done.wait(pulse_gap_s)
+                    except Exception as e:  # noqa: BLE001 - reported after the grid
+                        errors.append(e)
+                        return
+                    k += 1
+            pulser = threading.Thread(target=pulse, name="calibration-pulses", daemon=True)
+            pulser.start()
+            try:
+                for k, (what, d, conc) in enumerate(phases):
+                    say(f"{what} (concurrency {conc}), the other engine pulsing")
+                    d = dict(d)
+                    kind, n = d.pop("dataset"), d.pop("n")
+                    if kind == "random":
+                        reqs = ds.random_requests(n, d["input_len"], d["output_len"], d["range_ratio"], vocab, seed + k)
+                    else:
+                        groups = 4
+                        reqs = ds.prefix_requests(groups, d["prefix_len"], max(1, n // groups), d["question_len"],
+                                                  d["output_len"], 0.0, "grouped", vocab, seed + k)
+                    check(run(reqs, LoadConfig(max_concurrency=conc, **grid)), what)
+            finally:
+                done.set()
+                pulser.join()
+            if errors:
+                raise errors[0]
+        traces = [read_trace(os.path.join(tdir, f)) for f in sorted(os.listdir(tdir)) if f.startswith("step-trace-")]
+    doc = fit_traces([traces], preset, "served")
+    doc.update({"phases": [list(p) for p in phases], "pulses": [list(p) for p in pulses],
+                "calibration_s": time.perf_counter() - t_start})
+    if link:
+        doc["link"] = shm_link(pinned=pre.pin_cores)
+    return doc
+
+
+def trace_groups(paths: list[str]) -> dict[str, list[str]]:
+    """`--step-trace` files grouped by host and time, by run name: `<run>-<port>.jsonl` files that
+    share <run> (and folder) are one run's engines (the sweep's and `calibrate --served`'s names);
+    any other file is a run of its own, named by its file name without `.jsonl`."""
+    import re
+    groups: dict[str, list[str]] = {}
+    for p in sorted(paths):
+        base = os.path.basename(p)
+        m = re.fullmatch(r"(.*)-\d+\.jsonl", base)
+        run = m.group(1) if m else base.removesuffix(".jsonl")
+        key = os.path.join(os.path.dirname(p), run)
+        groups.setdefault(key, []).append(p)
+    return {os.path.basename(k) if sum(os.path.basename(j) == os.path.basename(k) for j in groups) == 1 else k: v
+            for k, v in groups.items()}
+
+
+def calibrate_from_traces(paths: list[str], preset: str = "miniature") -> dict[str, Any]:
+    """The measured cost model fitted from existing `--step-trace` files (of a sweep's runs, of
+    `calibrate --served`, of engines in production): every step's `period_s` with the busy shares
+    of the engines traced beside it (`trace_groups`). The model's config and engine flags are
+    `preset`'s. Returns the JSON document."""
+    from microserve.engine.step_trace import read_trace
+
+    files = []
+    for p in paths:
+        files += sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".jsonl")) if os.path.isdir(p) else [p]
+    if not files:
+        raise ValueError(f"no step traces (*.jsonl) in {', '.join(paths)}")
+    doc = fit_traces([[read_trace(f) for f in g] for g in trace_groups(files).values()], preset, "traces")
+    doc["traces"] = {"files": len(files), "from": paths}
+    return doc
+
+
+def trace_speed(paths: list[str], model: LinearCostModel) -> dict[str, tuple[float, int]]:
+    """How fast the traced steps ran against `model`, per run (`trace_groups`): {run: (sum of the
+    steps' period_s / sum of what the model gives for them with their neighbours' busy shares,
+    steps)}. 1.0 is the model's speed; 1.1 means the steps took 10% longer."""
+    from microserve.engine.step_trace import read_trace
+
+    out = {}
+    for name, group in trace_groups(paths).items():
+        traces = [read_trace(f) for f in group]
+        real = pred = 0.0
+        n = 0
+        for tr, shares in zip(traces, neighbour_overlap(traces)):
+            for st, o in zip(tr, shares):
+                real += st.period_s
+                pred += model.cost(st.shape) * model.slowdown(*o)
+                n += 1
+        out[name] = (real / pred if pred else float("nan"), n)
+    return out
+
+
+def fit_traces(groups: list[list[list[TracedStep]]], preset: str, source: str) -> dict[str, Any]:
+    """Fit the linear model and the interference factors on traced steps; `groups` holds, per host
+    and time, the traces of its engines. The JSON document, with `preset`'s model and engine flags."""
+    from microserve.bench.presets import PRESETS, model_dir
+
+    pre = PRESETS[preset]
+    with open(os.path.join(model_dir(pre.model, preset), "config.json")) as f:
+        hf = json.load(f)
+    ea = list(pre.engine_args)
+    flag = lambda name, default: ea[ea.index(name) + 1] if name in ea else default  # noqa: E731
+    steps = [st for g in groups for tr in g for st in tr]
+    overlap = [o for g in groups for shares in neighbour_overlap(g) for o in shares]
+    points = [(st.shape, st.period_s) for st in steps]
+    doc = fit(points, int(hf["num_hidden_layers"]), overlap).to_json()
+    doc.update({
+        "model_name": preset, "model": hf, "dtype": flag("--dtype", "auto"),
+        "params": ModelSpec.from_hf(preset, hf).params, "source": source,
+        "engine": {"max_num_batched_tokens": int(flag("--max-num-batched-tokens", "2048")), "page_size": 16,
+                   "attention_backend": flag("--attention-backend", "auto"), "threads": 1,
+                   "core": "one per engine" if pre.pin_cores else None, "engines": pre.engines},
+        "machine": {**machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "features": list(FEATURES),
+        "point_fields": [f.name for f in dataclasses.fields(StepShape)] + ["seconds", "others_decoding",
+                                                                           "others_prefilling"],
+        "points": [[*dataclasses.astuple(s), t, od, op] for (s, t), (od, op) in zip(points, overlap)],
+    })
+    return doc
+
+
+def neighbour_overlap(traces: list[list[TracedStep]]) -> list[list[tuple[float, float]]]:
+    """For every traced step of every engine on one host: the share of its period during which the
+    other engines were in a step with decode rows, and in a prefill-only step (each 0-1: overlap
+    seconds over the period times the number of other engines)."""
+    out = []
+    for i, mine in enumerate(traces):
+        others = sorted((st for j, tr in enumerate(traces) if j != i for st in tr), key=lambda st: st.start)
+        n, starts, k0, shares = max(len(traces) - 1, 1), [st.start for st in others], 0, []
+        longest = max((st.period_s for st in others), default=0.0)
+        for st in mine:
+            while k0 < len(others) and starts[k0] < st.start - longest:
+                k0 += 1
+            dec = pre = 0.0
+            for o in others[k0:]:
+                if o.start >= st.end:
+                    break
+                ov = min(o.end, st.end) - max(o.start, st.start)
+                if ov > 0:
+                    if o.shape.decode_batch:
+                        dec += ov
+                    else:
+                        pre += ov
+            period = max(st.period_s, 1e-9)
+            shares.append((min(dec / (period * n), 1.0), min(pre / (period * n), 1.0)))
+        out.append(shares)
+    return out
+
+
+def fit(points: list[tuple[StepShape, float]], layers: int = 1,
+        overlap: list[tuple[float, float]] | None = None) -> LinearCostModel:
+    """Non-negative least squares on relative error over every recorded step. With `overlap` (per
+    point, the neighbours' busy shares of `neighbour_overlap`), also the interference factors:
+    seconds = linear(shape) * (1 + g_d * decoding + g_p * prefilling), fitted by alternating the
+    two least-squares problems (each is linear while the other is held)."""
     import numpy as np
 
     if len(points) < len(FEATURES):
         raise ValueError(f"{len(points)} timed steps are too few to fit {len(FEATURES)} coefficients")
     a = np.array([features(s) for s, _ in points])
     t = np.array([dt for _, dt in points])
-    coef = nnls(a, t, weights=1.0 / t ** 2)
-    pred = a @ coef
+    o = np.array(overlap, dtype=np.float64) if overlap is not None else np.zeros((len(points), 2))
+    g = np.zeros(2)
+    for _ in range(30 if overlap is not None else 1):
+        scale = 1.0 + o @ g
+        coef = nnls(a, t / scale, weights=(scale / t) ** 2)
+        if overlap is None:
+            break
+        lin = a @ coef
+        g_new = nnls(o, t / lin - 1.0)  # relative excess over the linear part, on equal weights
+        if np.allclose(g_new, g, atol=1e-4):
+            g = g_new
+            break
+        g = g_new
+    pred = (a @ coef) * (1.0 + o @ g)
     rel = np.abs(pred - t) / t
     ss_res, ss_tot = float(((pred - t) ** 2).sum()), float(((t - t.mean()) ** 2).sum())
     meta = {"fit": {"points": len(points), "median_rel_err": float(np.median(rel)),
                     "p90_rel_err": percentile(rel, 90), "max_rel_err": float(rel.max()),
                     "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0}}
-    return LinearCostModel({k: float(v) for k, v in zip(FEATURES, coef)}, layers, meta)
+    inter = {"decode": float(g[0]), "prefill": float(g[1])} if overlap is not None else {}
+    return LinearCostModel({k: float(v) for k, v in zip(FEATURES, coef)}, layers, meta, inter)
 
 
 def refit(doc: dict[str, Any]) -> LinearCostModel:
-    """Fit again from a calibration JSON's raw points."""
-    pts = [(StepShape(*[int(x) for x in p[:-1]]), float(p[-1])) for p in doc["points"]]
-    return fit(pts, int(doc.get("num_layers", 1)))
+    """Fit again from a calibration JSON's raw points (with the neighbours' busy shares, if it has them)."""
+    n = len(dataclasses.fields(StepShape))
+    pts = [(StepShape(*[int(x) for x in p[:n]]), float(p[n])) for p in doc["points"]]
+    overlap = [(float(p[n + 1]), float(p[n + 2])) for p in doc["points"]] if "others_decoding" in doc.get(
+        "point_fields", ()) else None
+    return fit(pts, int(doc.get("num_layers", 1)), overlap)
 
 
 def summary(doc: dict[str, Any]) -> str:
-    """A few lines: the fit, and what the model predicts for typical steps next to the median measured."""
+    """A few lines: the fit, what the model predicts for typical steps, and its neighbour factors."""
     m = LinearCostModel.from_json(doc)
     f = doc["fit"]
+    how = {"served": ", steps as served", "traces": ", from step traces"}.get(doc.get("source", ""), "")
     lines = [f"measured cost model of {doc.get('model_name')} ({doc.get('params', 0) / 1e6:.0f}M params, "
-             f"{doc.get('dtype')}), {f['points']} steps: median error {100 * f['median_rel_err']:.1f}%, "
+             f"{doc.get('dtype')}{how}), {f['points']} steps: median error {100 * f['median_rel_err']:.1f}%, "
              f"p90 {100 * f['p90_rel_err']:.1f}%, R^2 {f['r2']:.3f}",
              "coefficients: " + ", ".join(f"{k} {v:.3g}" for k, v in m.coef.items() if v)]
     for p, b, c in ((640, 0, 0), (0, 1, 640), (0, 4, 640), (0, 16, 640), (256, 4, 640)):
         lines.append(f"  prefill {p:4d} + {b:2d} decodes at context {c}: {1e3 * m.step_time(p, b, c):7.1f} ms")
+    if m.interference:
+        lines.append(f"busy neighbours: a step lasts x{m.slowdown(1, 0):.2f} while the host's other engines decode, "
+                     f"x{m.slowdown(0, 1):.2f} while they prefill")
     if "link" in doc:
         lines.append(f"KV link: {doc['link']['name']}")
     return "\n".join(lines)

@@ -78,6 +78,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     c.add_argument("--max-num-batched-tokens", type=int, default=2048, help="(default: %(default)s)")
     c.add_argument("--quick", action="store_true", help="a small grid (seconds, for a tiny model or a smoke test)")
     c.add_argument("--no-link", action="store_true", help="do not measure the shared-memory copy bandwidth")
+    c.add_argument("--served", action="store_true",
+                   help="measure steps as the served cluster pays for them: bring up --preset's engines with "
+                        "--step-trace behind a router, send a calibration load (spread prompt lengths, "
+                        "concurrency 2 to 24, cached prefixes) through the HTTP client, and fit the traced "
+                        "steps; about 2 minutes. --model, --dtype, --core, --threads and --quick do not apply")
+    c.add_argument("--from-traces", nargs="+", default=None, metavar="PATH",
+                   help="fit from existing step traces instead (files or folders of *.jsonl written by engines with "
+                        "--step-trace, e.g. a sweep's --step-traces folder); the model's config is --preset's")
+    c.add_argument("--preset", default="miniature",
+                   help="with --served or --from-traces: the bench preset (model, engine flags) (default: %(default)s)")
+    c.add_argument("--trace-dir", default=None, help="with --served: keep the engines' step traces in this folder")
     c.add_argument("--out", default=None, help="JSON file (default: sim-cost-<model>.json)")
     c.set_defaults(fn=cmd_calibrate)
     return p
@@ -407,7 +418,21 @@ def simulate_sweep(spec, cost_model: str, result_dir: str, sim_args: list[str] =
 
 
 def cmd_calibrate(a: argparse.Namespace) -> int:
-    from microserve.sim.calibrate import QUICK_GRID, calibrate, summary
+    from microserve.sim.calibrate import QUICK_GRID, calibrate, calibrate_from_traces, calibrate_served, shm_link
+    say = lambda s: print(f"[calibrate] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if a.served and a.from_traces:
+        raise SystemExit("give --served (measure now) or --from-traces (fit existing traces), not both")
+    if a.served:
+        doc = calibrate_served(a.preset, link=not a.no_link, trace_dir=a.trace_dir, progress=say)
+        return _write_calibration(doc, a.out)
+    if a.from_traces:
+        try:
+            doc = calibrate_from_traces(a.from_traces, a.preset)
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(f"cannot fit from {' '.join(a.from_traces)}: {e}") from None
+        if not a.no_link:
+            doc["link"] = shm_link()
+        return _write_calibration(doc, a.out)
     model: Any = a.model
     if model != "miniature" and os.path.isfile(model):
         with open(model) as f:
@@ -416,13 +441,18 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
         with open(os.path.join(model, "config.json")) as f:
             model = json.load(f)
     doc = calibrate(model, a.dtype, None if a.core < 0 else a.core, a.threads, QUICK_GRID if a.quick else None,
-                    a.attention_backend, a.max_num_batched_tokens, link=not a.no_link,
-                    progress=lambda s: print(f"[calibrate] {s}", file=sys.stderr, flush=True))
+                    a.attention_backend, a.max_num_batched_tokens, link=not a.no_link, progress=say)
     if a.model != "miniature":
         doc["model_name"] = os.path.basename(a.model.rstrip("/"))
-    out = a.out or f"sim-cost-{re.sub(r'[^A-Za-z0-9._-]+', '_', doc['model_name'])}.json"
+    return _write_calibration(doc, a.out)
+
+
+def _write_calibration(doc: dict[str, Any], out: str | None) -> int:
+    from microserve.sim.calibrate import summary
+    out = out or f"sim-cost-{re.sub(r'[^A-Za-z0-9._-]+', '_', doc['model_name'])}.json"
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
     print(summary(doc))
-    print(f"calibrated in {doc['calibration_s']:.0f} s; wrote {out} ({datetime.now():%H:%M})")
+    took = f"calibrated in {doc['calibration_s']:.0f} s" if "calibration_s" in doc else "fitted"
+    print(f"{took}; wrote {out} ({datetime.now():%H:%M})")
     return 0

@@ -131,6 +131,8 @@ class SimCluster:
             return links[key]
 
         self.engines = [SimEngine(f"e{i}", cfg, mc, spec.cost, pages, link, peers, dtype) for i in range(spec.engines)]
+        for i, e in enumerate(self.engines):
+            e.neighbours = [o for j, o in enumerate(self.engines) if j != i and spec.node_of(j) == spec.node_of(i)]
         self.aengines = [SimAsyncEngine(e) for e in self.engines]
         self.urls = [f"http://sim-engine-{i}" for i in range(spec.engines)]
         for url, ae in zip(self.urls, self.aengines):

@@ -23,62 +23,24 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
-
-# ---- what a step computes ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class StepShape:
-    """One engine step, as the scheduler formed it (see SimRunner.run).
-
-    prefill_tokens / prefill_seqs: tokens and rows of the multi-token rows (prefill chunks);
-    prefill_attn: their query-key pairs, sum over rows of n * start + n (n + 1) / 2 (start = KV
-    already there: cached prefix, received KV or earlier chunks); prefill_context: sum of those
-    starts. decode_batch: rows computing one token; decode_context: the sum of their context
-    lengths (KV read). sampled: rows whose logits are sampled."""
-    prefill_tokens: int = 0
-    prefill_seqs: int = 0
-    prefill_attn: int = 0
-    prefill_context: int = 0
-    decode_batch: int = 0
-    decode_context: int = 0
-    sampled: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.prefill_tokens + self.decode_batch
-
-    @classmethod
-    def of(cls, prefill_tokens: int = 0, decode_batch: int = 0, context_tokens: int = 0,
-           prefill_start: int = 0) -> "StepShape":
-        """A step with one prefill chunk of `prefill_tokens` (after `prefill_start` tokens of KV)
-        and `decode_batch` decodes of mean context `context_tokens`."""
-        p, s = prefill_tokens, prefill_start
-        return cls(prefill_tokens=p, prefill_seqs=int(p > 0), prefill_attn=p * s + p * (p + 1) // 2,
-                   prefill_context=s if p else 0, decode_batch=decode_batch,
-                   decode_context=decode_batch * context_tokens, sampled=decode_batch + int(p > 0))
-
-
-def batch_shape(batch) -> StepShape:
-    """The StepShape of a scheduled batch (engine.scheduler.ScheduledBatch), before it runs: what
-    the simulator prices and what calibration records."""
-    pt = ps = pa = pc = db = dc = sampled = 0
-    for req, n in zip(batch.requests, batch.num_tokens):
-        start = req.num_computed
-        stop = start + n
-        if n == 1:
-            db, dc = db + 1, dc + stop
-        else:
-            pt, ps, pa, pc = pt + n, ps + 1, pa + n * start + n * (n + 1) // 2, pc + start
-        sampled += stop == len(req.token_ids) and not req.send_only
-    return StepShape(pt, ps, pa, pc, db, dc, sampled)
+# what a step computes: defined by the engine, which records it (--step-trace); re-exported here
+from microserve.engine.step_trace import StepShape, batch_shape  # noqa: F401
 
 
 class StepCostModel:
-    """The interface: `cost(shape)` seconds for one step; `num_layers` for layer-wise overlap."""
+    """The interface: `cost(shape)` seconds for one step; `num_layers` for layer-wise overlap;
+    `slowdown` for engines that share a host's cores with each other's router and client."""
     kind = "base"
     num_layers: int = 1
 
     def cost(self, shape: StepShape) -> float:
         raise NotImplementedError
+
+    def slowdown(self, others_decoding: float, others_prefilling: float) -> float:
+        """The factor on `cost` while this share of the engines on the same host (0-1) is in a step
+        with decode rows, or in a prefill-only step. 1 here: a GPU's step does not slow down
+        because another GPU works."""
+        return 1.0
 
     def step_time(self, prefill_tokens: int = 0, decode_batch: int = 0, context_tokens: int = 0) -> float:
         """Seconds of a step with one fresh prefill of `prefill_tokens` and `decode_batch` decodes
@@ -101,11 +63,22 @@ def features(s: StepShape) -> list[float]:
 class LinearCostModel(StepCostModel):
     """seconds = sum(coef[f] * feature f) over FEATURES ("const" is 1): fitted by sim/calibrate.py.
     Loaded from the calibration JSON; extra keys (model, engine flags, machine, fit quality, the
-    measured KV link) ride along in `meta`."""
+    measured KV link) ride along in `meta`.
+
+    `interference` ({"decode": g_d, "prefill": g_p}, from `sim calibrate --served`): a step lasts
+    (1 + g_d * others_decoding + g_p * others_prefilling) times `cost`. On a CPU host the engines'
+    cores are also where the router, the client and the kernel's loopback traffic run: with a core
+    idle they run there, with every core in a step they take time from the steps (measured on
+    the Zen 4: a batch-1 decode ~20 ms alone, ~23 ms while the other engine decodes)."""
     coef: dict[str, float]
     num_layers: int = 1
     meta: dict[str, Any] = field(default_factory=dict)
+    interference: dict[str, float] = field(default_factory=dict)
     kind = "measured"
+
+    def slowdown(self, others_decoding: float, others_prefilling: float) -> float:
+        g = self.interference
+        return 1.0 + g.get("decode", 0.0) * others_decoding + g.get("prefill", 0.0) * others_prefilling
 
     def cost(self, s: StepShape) -> float:
         c = self.coef
@@ -115,7 +88,8 @@ class LinearCostModel(StepCostModel):
                    + c.get("sampled", 0.0) * s.sampled)
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "linear", "version": 1, "coef": self.coef, "num_layers": self.num_layers, **self.meta}
+        return {"kind": "linear", "version": 1, "coef": self.coef, "num_layers": self.num_layers,
+                **({"interference": self.interference} if self.interference else {}), **self.meta}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> "LinearCostModel":
@@ -124,12 +98,15 @@ class LinearCostModel(StepCostModel):
         unknown = set(doc["coef"]) - set(FEATURES)
         if unknown:
             raise ValueError(f"unknown cost features {sorted(unknown)}; known: {', '.join(FEATURES)}")
-        meta = {k: v for k, v in doc.items() if k not in ("kind", "version", "coef", "num_layers")}
-        return cls({k: float(v) for k, v in doc["coef"].items()}, int(doc.get("num_layers", 1)), meta)
+        meta = {k: v for k, v in doc.items() if k not in ("kind", "version", "coef", "num_layers", "interference")}
+        inter = {k: float(v) for k, v in (doc.get("interference") or {}).items()}
+        if set(inter) - {"decode", "prefill"}:
+            raise ValueError(f"unknown interference terms {sorted(set(inter) - {'decode', 'prefill'})}; known: decode, prefill")
+        return cls({k: float(v) for k, v in doc["coef"].items()}, int(doc.get("num_layers", 1)), meta, inter)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "coef": self.coef, "num_layers": self.num_layers,
-                **{k: self.meta[k] for k in ("model_name", "machine", "fit", "created") if k in self.meta}}
+        return {"kind": self.kind, "coef": self.coef, "num_layers": self.num_layers, "interference": self.interference,
+                **{k: self.meta[k] for k in ("model_name", "source", "machine", "fit", "created") if k in self.meta}}
 
 
 def nnls(a, b, weights=None):

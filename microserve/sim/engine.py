@@ -115,7 +115,9 @@ class SimRunner:
                 name = w.remote.name
                 self.layer_sends[name] = self.layer_sends.get(name, 0) + min(stop, w.end) - max(start, w.begin)
         self.shape = batch_shape(batch)
-        self.compute_s = self.engine.cost.cost(self.shape)
+        eng = self.engine
+        self.compute_s = eng.cost.cost(self.shape) * eng.cost.slowdown(*eng.neighbours_busy())
+        eng.stepping = "decode" if self.shape.decode_batch else "prefill"
         return None, self.sample_reqs, bool(self.layer_sends)
 
     def price_sends(self) -> TransferStats:
@@ -166,10 +168,21 @@ class SimEngine(Engine):
         self.busy_s = 0.0
         self.exposed_s = 0.0
         self.max_running = 0
+        self.neighbours: list[SimEngine] = []  # engines sharing this one's host (SimCluster sets them)
+        self.stepping: str | None = None  # "decode" or "prefill" while a step's modeled time runs
         peers[name] = self
 
     def link_to(self, receiver: str) -> LinkModel:
         return self._links(self.name, receiver)
+
+    def neighbours_busy(self) -> tuple[float, float]:
+        """The shares of this host's other engines now in a step with decode rows, and in a
+        prefill-only step: what `StepCostModel.slowdown` takes."""
+        n = len(self.neighbours)
+        if not n:
+            return 0.0, 0.0
+        return (sum(e.stepping == "decode" for e in self.neighbours) / n,
+                sum(e.stepping == "prefill" for e in self.neighbours) / n)
 
     # ---- the step: Engine.step, then the sampler's place ------------------------------------------
     def step(self):
@@ -255,6 +268,7 @@ class SimAsyncEngine(AsyncEngine):
                 # a step that did nothing must still take time, or the loop would spin at one instant
                 await asyncio.sleep(eng.last_step_s if outputs or eng.last_step_s else self.min_step_s)
             finally:
+                eng.stepping = None
                 self._stepping = False
                 self._idle.set()
             self._deliver(outputs)
