@@ -59,8 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--step-trace", default=None, metavar="FILE",
                    help="append a JSON line per engine step to FILE: the batch's shape (prefill tokens, decode rows, "
                         "contexts), the step's seconds and how long the engine was busy with it; '{port}' in FILE "
-                        "becomes the engine's port, so `up` can pass one flag to every engine. `microserve sim "
-                        "calibrate --served` fits the simulator's cost model from these files")
+                        "becomes the engine's port, so `up` can pass one flag to every engine. About 250 bytes a "
+                        "step, never rotated. `microserve sim calibrate --from-traces` fits the simulator's cost "
+                        "model from these files")
     g = p.add_argument_group("microserving")
     g.add_argument("--kv-transport", default="auto", choices=["auto", "shm", "nixl", "cuda_ipc", "none"],
                    help="how KV reaches other engines: shm (shared host memory, one host), cuda_ipc (GPU memory "

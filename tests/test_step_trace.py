@@ -46,6 +46,13 @@ def test_a_served_engine_traces_every_step_with_its_exact_shape(engines, tmp_pat
     assert all(a.start < b.start for a, b in zip(steps, steps[1:]))
 
 
+def test_an_unwritable_trace_path_stops_the_engine_with_the_reason(engines, tmp_path):
+    from microserve.launch import StartupError
+    with pytest.raises(StartupError) as e:
+        engines.start("--step-trace", str(tmp_path / "no-such-folder" / "trace.jsonl"))
+    assert "--step-trace: cannot write" in str(e.value) and "No such file or directory" in str(e.value)
+
+
 # ---- fitting traced steps ------------------------------------------------------------------------
 def step(start: float, seconds: float, shape: StepShape = StepShape(decode_batch=1, decode_context=100, sampled=1)):
     return TracedStep(shape, start, seconds * 0.97, seconds)

@@ -89,12 +89,17 @@ async def serve(config: EngineConfig, host: str, port: int, debug_api: bool = Fa
         raise SystemExit(f"refusing to serve the microserving API on {host} without a cluster token: anyone who "
                          "reaches it could move KV. Give --cluster-token (or $MICROSERVE_CLUSTER_TOKEN), bind "
                          "127.0.0.1, or pass --insecure")
+    trace = config.step_trace.replace("{port}", str(port)) if config.step_trace else None
+    if trace:  # fail before the model loads, with the reason, not a traceback after it
+        try:
+            open(trace, "a").close()
+        except OSError as e:
+            raise SystemExit(f"--step-trace: cannot write {trace}: {e.strerror}") from None
     t0 = time.perf_counter()
     if config.num_threads is None:  # leave a core to the event loop (HTTP, streaming), as vLLM does
         config.num_threads = max(1, len(os.sched_getaffinity(0)) - 1)
     keep_freed_memory()
     engine = Engine(config)
-    trace = config.step_trace.replace("{port}", str(port)) if config.step_trace else None
     app = build_app(engine, debug_api, cluster_token, api_key, trace)
     freeze_startup_objects()
     runner = await run_app(app, host, port)

@@ -503,7 +503,7 @@ def fit(points: list[tuple[StepShape, float]], layers: int = 1,
         coef = nnls(a, t / scale, weights=(scale / t) ** 2)
         if overlap is None:
             break
-        lin = a @ coef
+        lin = np.maximum(a @ coef, 1e-12)
         g_new = nnls(o, t / lin - 1.0)  # relative excess over the linear part, on equal weights
         if np.allclose(g_new, g, atol=1e-4):
             g = g_new
