@@ -149,6 +149,9 @@ def test_calibrate_from_traces_cli_fits_what_the_engines_traced(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "microserve.cli", "sim", "calibrate", "--from-traces",
                           str(tmp_path / "nothing-here")], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "cannot fit from" in bad.stderr and "Traceback" not in bad.stderr
+    unknown = subprocess.run([sys.executable, "-m", "microserve.cli", "sim", "calibrate", "--served", "--preset",
+                              "nope"], capture_output=True, text=True, timeout=120)
+    assert unknown.returncode != 0 and "unknown preset 'nope'; known: " in unknown.stderr
 
 
 def test_trace_speed_says_how_much_slower_each_run_stepped_than_the_model(tmp_path):

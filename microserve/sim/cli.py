@@ -422,6 +422,9 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     say = lambda s: print(f"[calibrate] {s}", file=sys.stderr, flush=True)  # noqa: E731
     if a.served and a.from_traces:
         raise SystemExit("give --served (measure now) or --from-traces (fit existing traces), not both")
+    from microserve.bench.presets import PRESETS as BENCH_PRESETS
+    if (a.served or a.from_traces) and a.preset not in BENCH_PRESETS:
+        raise SystemExit(f"unknown preset {a.preset!r}; known: {', '.join(sorted(BENCH_PRESETS))}")
     if a.served:
         doc = calibrate_served(a.preset, link=not a.no_link, trace_dir=a.trace_dir, progress=say)
         return _write_calibration(doc, a.out)
