@@ -443,7 +443,8 @@ def fit_traces(groups: list[list[list[TracedStep]]], preset: str, source: str) -
     doc.update({
         "model_name": preset, "model": hf, "dtype": flag("--dtype", "auto"),
         "params": ModelSpec.from_hf(preset, hf).params, "source": source,
-        "engine": {"max_num_batched_tokens": int(flag("--max-num-batched-tokens", "2048")), "page_size": 16,
+        "engine": {"max_num_batched_tokens": int(flag("--max-num-batched-tokens", "2048")),
+                   "page_size": int(flag("--page-size", "16")),
                    "attention_backend": flag("--attention-backend", "auto"), "threads": 1,
                    "core": "one per engine" if pre.pin_cores else None, "engines": pre.engines},
         "machine": {**machine(), "cpus": os.cpu_count(), "load_average": os.getloadavg()},
@@ -497,18 +498,19 @@ def fit(points: list[tuple[StepShape, float]], layers: int = 1,
     a = np.array([features(s) for s, _ in points])
     t = np.array([dt for _, dt in points])
     o = np.array(overlap, dtype=np.float64) if overlap is not None else np.zeros((len(points), 2))
-    g = np.zeros(2)
-    for _ in range(30 if overlap is not None else 1):
+    def linear(g):
         scale = 1.0 + o @ g
-        coef = nnls(a, t / scale, weights=(scale / t) ** 2)
-        if overlap is None:
-            break
+        return nnls(a, t / scale, weights=(scale / t) ** 2)
+
+    g = np.zeros(2)
+    coef = linear(g)
+    for _ in range(30 if overlap is not None else 0):
         lin = np.maximum(a @ coef, 1e-12)
         g_new = nnls(o, t / lin - 1.0)  # relative excess over the linear part, on equal weights
-        if np.allclose(g_new, g, atol=1e-4):
-            g = g_new
+        done = np.allclose(g_new, g, rtol=0.0, atol=1e-4)
+        g, coef = g_new, linear(g_new)
+        if done:
             break
-        g = g_new
     pred = (a @ coef) * (1.0 + o @ g)
     rel = np.abs(pred - t) / t
     ss_res, ss_tot = float(((pred - t) ** 2).sum()), float(((t - t.mean()) ** 2).sum())
