@@ -290,6 +290,12 @@ def test_a_bench_sweep_spec_runs_simulated_through_the_same_path(tmp_path):
     table, summary = fidelity_table(real, runs, ["dp", "pd"])
     assert summary["points"] == 4 and summary["mean_within_10"] == 4 and summary["rates_ranked_alike_mean"] == 2
     assert "-4.8%" in table and "| 2 | mean JCT |" in table
+    # one repeat: every pair whose means differ is resolved; swapping the strategies' real means flips them all
+    assert summary["pairs_resolved"] == 2 and summary["pairs_alike"] == 2
+    other = {(r["strategy"], r["request_rate"]): r["mean_e2el_ms"] for r in runs}
+    swapped = [dict(r, mean_e2el_ms=other[("pd" if r["strategy"] == "dp" else "dp", r["request_rate"])]) for r in runs]
+    _, flipped = fidelity_table(swapped, runs, ["dp", "pd"])
+    assert flipped["pairs_resolved"] == 2 and flipped["pairs_alike"] == 0
 
 # ---- cost and link models -----------------------------------------------------------------------------
 def test_roofline_is_in_the_papers_range():
