@@ -199,8 +199,8 @@ def test_served_calibration_fits_both_engines_traces(tmp_path, monkeypatch):
     monkeypatch.setitem(PRESETS, "stories-calibration", Preset(
         "stories-calibration", STORIES, engines=2, pin_cores=False, engine_args=("--max-model-len", "512"),
         workloads={"long": Workload("random", input_len=64, output_len=8)}))
-    phases = (("one at a time", dict(dataset="random", n=3, input_len=64, output_len=6, range_ratio=0.5), 1),
-              ("batches", dict(dataset="random", n=6, input_len=64, output_len=8, range_ratio=0.5), 3))
+    phases = (("one at a time", Workload("random", input_len=64, output_len=6, range_ratio=0.5), 3, 1),
+              ("batches", Workload("random", input_len=64, output_len=8, range_ratio=0.5), 6, 3))
     said = []
     doc = calibrate_served("stories-calibration", phases, link=False, trace_dir=str(tmp_path), progress=said.append,
                            pulses=((2, 48, 6),), pulse_gap_s=0.05)

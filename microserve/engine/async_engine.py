@@ -124,7 +124,8 @@ class AsyncEngine:
                 continue
             self._stepping = True
             self._idle.clear()
-            t0, wall0 = time.perf_counter(), time.time()
+            if self._trace:
+                t0, wall0 = time.perf_counter(), time.time()
             try:
                 outputs = await loop.run_in_executor(self._executor, self._timed_step if self._trace else self.engine.step)
             except Exception:

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 from microserve.bench.harness import machine
 from microserve.bench.metrics import percentile
+from microserve.bench.presets import Workload
 from microserve.engine.step_trace import TracedStep
 from microserve.sim.cost import FEATURES, LinearCostModel, ModelSpec, StepShape, batch_shape, features, nnls
 
@@ -258,18 +259,22 @@ def shm_link(pinned: bool = True) -> dict[str, Any]:
 
 
 # The served calibration's load. Engine 0 gets the shape grid, straight from the client, phase by
-# phase: (what it covers, dataset arguments, concurrency). Meanwhile engine 1 pulses (PULSES, in a
+# phase: (what it covers, a bench Workload, requests, concurrency). Meanwhile engine 1 pulses (PULSES, in a
 # loop): a decode burst, an idle gap, a prefill-only request, a gap. So engine 0's steps of every
 # shape meet a neighbour that is idle, decoding or prefilling, interleaved within seconds (the
 # host's speed drifts by several percent over minutes here: separate phases would confound it),
 # and engine 1's steps add more. Lengths are spread wide so each feature varies on its own; none of
 # it is an experiment's workload or arrival process.
+def _phase(what: str, n: int, concurrency: int, **workload: Any) -> tuple[str, Workload, int, int]:
+    return what, Workload(**workload), n, concurrency
+
+
 SERVED_PHASES = (
-    ("one request at a time", dict(dataset="random", n=12, input_len=480, output_len=32, range_ratio=0.9), 1),
-    ("decode batches of ~4", dict(dataset="random", n=24, input_len=480, output_len=48, range_ratio=0.7), 4),
-    ("decode batches of ~12", dict(dataset="random", n=36, input_len=400, output_len=48, range_ratio=0.7), 12),
-    ("prefills after a cached prefix", dict(dataset="prefix", n=16, prefix_len=512, question_len=96,
-                                            output_len=16), 2),
+    _phase("one request at a time", 12, 1, input_len=480, output_len=32, range_ratio=0.9),
+    _phase("decode batches of ~4", 24, 4, input_len=480, output_len=48, range_ratio=0.7),
+    _phase("decode batches of ~12", 36, 12, input_len=400, output_len=48, range_ratio=0.7),
+    _phase("prefills after a cached prefix", 16, 2, dataset="prefix", prefix_num_groups=4, prefix_len=512,
+           prefix_question_len=96, prefix_output_len=16),
 )
 PULSES = ((1, 600, 100), (4, 600, 60), (1, 300, 100), (8, 500, 40))  # (concurrency, prompt, output) per burst
 PULSE_GAP_S = 2.5
@@ -291,7 +296,7 @@ def calibrate_served(preset: str = "miniature", phases=SERVED_PHASES, seed: int 
     from microserve.bench import datasets as ds
     from microserve.bench.loadgen import LoadConfig, run
     from microserve.bench.presets import PRESETS, model_dir
-    from microserve.bench.sweep import Cluster, SweepSpec, model_vocab
+    from microserve.bench.sweep import Cluster, SweepSpec, build_workload, model_vocab
     from microserve.engine.step_trace import read_trace
 
     pre = PRESETS[preset]
@@ -315,7 +320,7 @@ def calibrate_served(preset: str = "miniature", phases=SERVED_PHASES, seed: int 
             if old.startswith("step-trace-"):
                 os.remove(os.path.join(tdir, old))
         args = list(pre.engine_args) + ["--step-trace", os.path.join(tdir, "step-trace-{port}.jsonl")]
-        spec = SweepSpec(strategies=["least_loaded"], rates=[], model=pre.model, workload=pre.workloads["long"],
+        spec = SweepSpec(strategies=["least_loaded"], rates=[], model=pre.model, workload=Workload(),  # not sent
                          result_dir=tmp, engines=2, pin_cores=pre.pin_cores, engine_args=args)
         cluster = Cluster(path, "least_loaded", spec, os.path.join(tmp, "logs"))
         with cluster:
@@ -348,17 +353,10 @@ def calibrate_served(preset: str = "miniature", phases=SERVED_PHASES, seed: int 
             pulser = threading.Thread(target=pulse, name="calibration-pulses", daemon=True)
             pulser.start()
             try:
-                for k, (what, d, conc) in enumerate(phases):
+                for k, (what, workload, n, conc) in enumerate(phases):
                     say(f"{what} (concurrency {conc}), the other engine pulsing")
-                    d = dict(d)
-                    kind, n = d.pop("dataset"), d.pop("n")
-                    if kind == "random":
-                        reqs = ds.random_requests(n, d["input_len"], d["output_len"], d["range_ratio"], vocab, seed + k)
-                    else:
-                        groups = 4
-                        reqs = ds.prefix_requests(groups, d["prefix_len"], max(1, n // groups), d["question_len"],
-                                                  d["output_len"], 0.0, "grouped", vocab, seed + k)
-                    check(run(reqs, LoadConfig(max_concurrency=conc, **grid)), what)
+                    check(run(build_workload(workload, path, n, seed + k), LoadConfig(max_concurrency=conc, **grid)),
+                          what)
             finally:
                 done.set()
                 pulser.join()
@@ -366,7 +364,7 @@ def calibrate_served(preset: str = "miniature", phases=SERVED_PHASES, seed: int 
                 raise errors[0]
         traces = [read_trace(os.path.join(tdir, f)) for f in sorted(os.listdir(tdir)) if f.startswith("step-trace-")]
     doc = fit_traces([traces], preset, "served")
-    doc.update({"phases": [list(p) for p in phases], "pulses": [list(p) for p in pulses],
+    doc.update({"phases": [[what, dataclasses.asdict(w), n, c] for what, w, n, c in phases], "pulses": [list(p) for p in pulses],
                 "calibration_s": time.perf_counter() - t_start})
     if link:
         doc["link"] = shm_link(pinned=pre.pin_cores)
@@ -378,15 +376,14 @@ def trace_groups(paths: list[str]) -> dict[str, list[str]]:
     share <run> (and folder) are one run's engines (the sweep's and `calibrate --served`'s names);
     any other file is a run of its own, named by its file name without `.jsonl`."""
     import re
+    from collections import Counter
     groups: dict[str, list[str]] = {}
     for p in sorted(paths):
-        base = os.path.basename(p)
-        m = re.fullmatch(r"(.*)-\d+\.jsonl", base)
-        run = m.group(1) if m else base.removesuffix(".jsonl")
-        key = os.path.join(os.path.dirname(p), run)
-        groups.setdefault(key, []).append(p)
-    return {os.path.basename(k) if sum(os.path.basename(j) == os.path.basename(k) for j in groups) == 1 else k: v
-            for k, v in groups.items()}
+        m = re.fullmatch(r"(.*)-\d+\.jsonl", os.path.basename(p))
+        run = m.group(1) if m else os.path.basename(p).removesuffix(".jsonl")
+        groups.setdefault(os.path.join(os.path.dirname(p), run), []).append(p)
+    names = Counter(os.path.basename(k) for k in groups)
+    return {os.path.basename(k) if names[os.path.basename(k)] == 1 else k: v for k, v in groups.items()}
 
 
 def calibrate_from_traces(paths: list[str], preset: str = "miniature") -> dict[str, Any]:

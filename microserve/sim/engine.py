@@ -117,7 +117,6 @@ class SimRunner:
         self.shape = batch_shape(batch)
         eng = self.engine
         self.compute_s = eng.cost.cost(self.shape) * eng.cost.slowdown(*eng.neighbours_busy())
-        eng.stepping = "decode" if self.shape.decode_batch else "prefill"
         return None, self.sample_reqs, bool(self.layer_sends)
 
     def price_sends(self) -> TransferStats:
@@ -192,6 +191,8 @@ class SimEngine(Engine):
             if req.rid in self.requests:  # not finished meanwhile (e.g. its fence closed)
                 outputs.append(self._append_token(req, SIM_TOKEN))
         r = self.runner
+        if r.shape.tokens:  # busy until SimAsyncEngine's sleep for this step ends
+            self.stepping = "decode" if r.shape.decode_batch else "prefill"
         self.last_step_s = r.compute_s + r.transfer.exposed_s
         self.busy_s += self.last_step_s
         self.exposed_s += r.transfer.exposed_s
